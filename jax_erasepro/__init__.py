@@ -1,0 +1,1 @@
+"""jax-erasepro: concept erasure for Stable-Diffusion-family models in pure JAX."""

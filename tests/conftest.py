@@ -1,0 +1,23 @@
+"""Shared test fixtures: paths to SD v1.4's real configs and tokenizer (copied into tests/data)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data"
+SD14 = DATA / "sd-v1-4"
+
+
+def assert_close(actual, reference, rel: float = 1e-4) -> None:
+    """The issue's parity bound: max abs error <= rel * max(1, max |reference|)."""
+    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    assert actual.shape == reference.shape, (actual.shape, reference.shape)
+    bound = rel * max(1.0, float(np.abs(reference).max()))
+    err = float(np.abs(actual - reference).max())
+    assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
+
+
+@pytest.fixture(scope="session")
+def sd14_dir() -> Path:
+    return SD14

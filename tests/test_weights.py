@@ -1,0 +1,62 @@
+"""The state-dict map: key names, layouts, stacked layers, and strict errors."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_erasepro.weights import WeightsError, load_state_dict, state_dict_shapes, to_state_dict
+
+
+class _Layer(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc = nnx.Linear(3, 5, rngs=rngs)
+        self.norm = nnx.LayerNorm(5, rngs=rngs)
+
+
+class _Toy(nnx.Module):
+    STACKED = ("encoder.layers",)
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+        self.emb = nnx.Embed(7, 3, rngs=rngs)
+        self.encoder = _Encoder(rngs)
+
+
+class _Encoder(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        @nnx.vmap(in_axes=0)
+        def make(key):
+            return _Layer(nnx.Rngs(key))
+
+        self.layers = make(jax.random.split(rngs.params(), 3))
+
+
+def test_keys_layouts_and_round_trip():
+    model = _Toy(nnx.Rngs(0))
+    sd = to_state_dict(model)
+    assert state_dict_shapes(model) == {k: v.shape for k, v in sd.items()}
+    assert sd["conv.weight"].shape == (4, 2, 3, 3)  # OIHW
+    assert sd["encoder.layers.2.fc.weight"].shape == (5, 3)  # (out, in)
+    assert sd["encoder.layers.1.norm.weight"].shape == (5,)
+    assert sd["emb.weight"].shape == (7, 3)
+    np.testing.assert_array_equal(sd["encoder.layers.1.fc.weight"], np.asarray(model.encoder.layers.fc.kernel[1]).T)
+    back = load_state_dict(nnx.eval_shape(lambda: _Toy(nnx.Rngs(1))), sd)
+    for k, v in to_state_dict(back).items():
+        np.testing.assert_array_equal(v, sd[k])
+
+
+@pytest.mark.parametrize(
+    "mutate, msg",
+    [
+        (lambda d: d.pop("conv.bias"), "missing key 'conv.bias'"),
+        (lambda d: d.update(extra=np.zeros(1)), "unexpected key 'extra'"),
+        (lambda d: d.update({"emb.weight": np.zeros((7, 4))}), "key 'emb.weight' has shape"),
+        (lambda d: d.update({"encoder.layers.0.fc.bias": np.full(5, np.nan)}), "NaN"),
+    ],
+)
+def test_strict_errors_name_the_key(mutate, msg):
+    sd = to_state_dict(_Toy(nnx.Rngs(0)))
+    mutate(sd)
+    with pytest.raises(WeightsError, match=msg.replace("(", r"\(")):
+        load_state_dict(nnx.eval_shape(lambda: _Toy(nnx.Rngs(1))), sd, source="toy.safetensors")
