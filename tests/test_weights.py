@@ -40,7 +40,8 @@ def test_keys_layouts_and_round_trip():
     assert sd["encoder.layers.2.fc.weight"].shape == (5, 3)  # (out, in)
     assert sd["encoder.layers.1.norm.weight"].shape == (5,)
     assert sd["emb.weight"].shape == (7, 3)
-    np.testing.assert_array_equal(sd["encoder.layers.1.fc.weight"], np.asarray(model.encoder.layers.fc.kernel[1]).T)
+    kernel = np.asarray(model.encoder.layers.fc.kernel[1])
+    np.testing.assert_array_equal(sd["encoder.layers.1.fc.weight"], kernel.T)
     back = load_state_dict(nnx.eval_shape(lambda: _Toy(nnx.Rngs(1))), sd)
     for k, v in to_state_dict(back).items():
         np.testing.assert_array_equal(v, sd[k])
