@@ -1,0 +1,56 @@
+"""Image grids a person can look at (PNG), written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows*H, nrow*W, 3) uint8 mosaic with ``pad`` white pixels between tiles."""
+    n, h, w, c = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / nrow))
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+    return grid
+
+
+def save_grid(
+    images: np.ndarray,
+    path: str | Path,
+    nrow: int | None = None,
+    scale: int = 1,
+    row_labels: Sequence[str] | None = None,
+) -> Path:
+    """Write a PNG grid (optionally upscaled ``scale``x, with a text label left of each row)."""
+    grid = Image.fromarray(make_grid(np.asarray(images, np.uint8), nrow))
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    if row_labels:
+        margin = 8 + 7 * max(len(s) for s in row_labels)
+        canvas = Image.new("RGB", (grid.width + margin, grid.height), "white")
+        canvas.paste(grid, (margin, 0))
+        draw = ImageDraw.Draw(canvas)
+        step = grid.height / len(row_labels)
+        for i, label in enumerate(row_labels):
+            draw.text((4, int(i * step + step / 2) - 5), label, fill="black")
+        grid = canvas
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        grid.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

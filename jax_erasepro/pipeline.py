@@ -1,0 +1,195 @@
+"""The Stable Diffusion pipeline: prompt encoding and text-to-image sampling.
+
+The whole denoising loop (classifier-free guidance, scheduler step) is one ``lax.scan`` inside one
+``jit``, followed by the VAE decode, so a generation is a single compiled XLA program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_erasepro import schedulers
+from jax_erasepro.models.clip import CLIPTextConfig, CLIPTextModel
+from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
+from jax_erasepro.tokenizer import tokenize
+
+
+@dataclasses.dataclass(frozen=True)
+class SDConfig:
+    """The configs of the three models and the folder's model_index.json."""
+
+    text_encoder: CLIPTextConfig
+    unet: UNet2DConditionConfig
+    vae: AutoencoderKLConfig
+    model_index: dict[str, Any]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.block_out_channels) - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceInfo:
+    """Where a model was read from and how its files were laid out, so an export can write the same form."""
+
+    path: str | None
+    format: str
+    components: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """An SD v1.x model: three NNX modules, the tokenizer and the scheduler config."""
+
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    tokenizer: Any
+    scheduler_config: schedulers.SchedulerConfig
+    config: SDConfig
+    source: SourceInfo = SourceInfo(path=None, format="memory")
+
+    def replace(self, **changes: Any) -> StableDiffusion:
+        return dataclasses.replace(self, **changes)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params)(ids)
+
+
+def encode_tokens(text_encoder: CLIPTextModel, ids: np.ndarray | jax.Array) -> jax.Array:
+    """(B, 77) token ids -> (B, 77, d) final-layer-normed hidden states, jitted."""
+    graphdef, params = nnx.split(text_encoder)
+    return _encode(graphdef, params, jnp.asarray(ids, jnp.int32))
+
+
+def encode_prompts(sd: StableDiffusion, prompts: Sequence[str] | str) -> jax.Array:
+    """Prompts -> (B, 77, d): the text-encoder states SD feeds the UNet (over-long prompts are truncated
+    with a warning, as diffusers does)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids = tokenize(sd.tokenizer, prompts, max_length=sd.config.text_encoder.max_position_embeddings)
+    return encode_tokens(sd.text_encoder, ids)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 6))
+def _sample(
+    unet_def: nnx.GraphDef,
+    vae_def: nnx.GraphDef,
+    unet_params: nnx.State,
+    vae_params: nnx.State,
+    schedule: schedulers.Schedule,
+    latents: jax.Array,
+    guided: bool,
+    context: jax.Array,
+    guidance_scale: jax.Array,
+    key: jax.Array,
+    scaling_factor: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Denoise ``latents`` (NHWC) with one lax.scan over the schedule, then decode to images in [0, 1]."""
+    unet = nnx.merge(unet_def, unet_params)
+
+    def body(carry, i):
+        x, state, key = carry
+        t = schedule.timesteps[i]
+        if guided:
+            eps_u, eps_c = jnp.split(unet(jnp.concatenate([x, x]), t, context), 2)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        else:
+            eps = unet(x, t, context)
+        key, sub = jax.random.split(key)
+        x, state = schedulers.step(schedule, state, i, eps, x, sub)
+        return (x, state, key), None
+
+    state = schedulers.init_state(schedule, latents.shape, latents.dtype)
+    n = schedule.timesteps.shape[0]
+    (latents, _, _), _ = jax.lax.scan(body, (latents, state, key), jnp.arange(n))
+    images = nnx.merge(vae_def, vae_params).decode(latents / scaling_factor)
+    return latents, jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8 the way diffusers' ``numpy_to_pil`` rounds."""
+    return (np.asarray(images, np.float32) * 255).round().astype(np.uint8)
+
+
+def initial_latents(sd: StableDiffusion, batch: int, height: int, width: int, seed: int) -> jax.Array:
+    """Gaussian starting latents (B, h, w, C) (PNDM/DDIM/DDPM start at sigma 1, so no scaling)."""
+    f = sd.config.vae_scale_factor
+    shape = (batch, height // f, width // f, sd.config.unet.in_channels)
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def generate(
+    sd: StableDiffusion,
+    prompts: Sequence[str] | str,
+    *,
+    seed: int = 0,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    scheduler: str = "pndm",
+    latents: np.ndarray | jax.Array | None = None,
+    negative_prompt: Sequence[str] | str | None = None,
+    return_latents: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Text-to-image sampling -> uint8 (B, H, W, 3).
+
+    ``latents`` takes (B, C, h, w) initial noise in diffusers' NCHW layout, so a run can be matched step
+    for step against diffusers. Guidance follows diffusers: on when ``guidance_scale > 1``, with the
+    unconditional batch built from ``negative_prompt`` (default "").
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    batch = len(prompts)
+    f = sd.config.vae_scale_factor
+    height = height or sd.config.unet.sample_size * f
+    width = width or sd.config.unet.sample_size * f
+    if height % f or width % f:
+        raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+    if latents is None:
+        x = initial_latents(sd, batch, height, width, seed)
+    else:
+        x = jnp.transpose(jnp.asarray(latents, jnp.float32), (0, 2, 3, 1))
+        want = (batch, height // f, width // f, sd.config.unet.in_channels)
+        if x.shape != want:
+            raise ValueError(f"latents have shape {tuple(np.shape(latents))}, expected NCHW {want}")
+    guided = guidance_scale > 1.0
+    context = encode_prompts(sd, prompts)
+    if guided:
+        if negative_prompt is None:
+            negative_prompt = [""] * batch
+        elif isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * batch
+        if len(negative_prompt) != batch:
+            raise ValueError(f"{len(negative_prompt)} negative prompts for {batch} prompts")
+        context = jnp.concatenate([encode_prompts(sd, negative_prompt), context])
+    schedule = schedulers.make_schedule(sd.scheduler_config, scheduler, num_inference_steps)
+    unet_def, unet_params = nnx.split(sd.unet)
+    vae_def, vae_params = nnx.split(sd.vae)
+    out_latents, images = _sample(
+        unet_def,
+        vae_def,
+        unet_params,
+        vae_params,
+        schedule,
+        x,
+        guided,
+        context,
+        jnp.float32(guidance_scale),
+        jax.random.key(seed + 1),
+        jnp.float32(sd.config.vae.scaling_factor),
+    )
+    images = to_uint8(images)
+    if return_latents:
+        return images, np.asarray(jnp.transpose(out_latents, (0, 3, 1, 2)))
+    return images
