@@ -18,8 +18,8 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.n
     rows = int(np.ceil(n / nrow))
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
     for i, img in enumerate(images):
-        r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[top : top + h, left : left + w] = img
     return grid
 
 

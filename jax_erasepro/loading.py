@@ -33,7 +33,8 @@ IGNORED_KEYS = {"text_encoder": ("embeddings.position_ids",)}
 
 def _weights_file(folder: Path, stem: str, variant: str | None) -> Path:
     """The component's safetensors file: the requested variant, else the plain file, else the fp16 variant."""
-    names = [f"{stem}.{variant}.safetensors"] if variant else [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
+    plain, fp16 = f"{stem}.safetensors", f"{stem}.fp16.safetensors"
+    names = [f"{stem}.{variant}.safetensors"] if variant else [plain, fp16]
     for name in names:
         if (folder / name).is_file():
             return folder / name
