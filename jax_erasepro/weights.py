@@ -4,6 +4,8 @@ A param path joined with dots *is* the state-dict key, up to a leaf table (``ker
 ``embedding`` <-> ``weight``) and two layout rules (linear kernels transposed, conv kernels HWIO <->
 OIHW). Identical layers that a model stacks for ``scan`` (named in its ``STACKED`` class attribute)
 keep per-layer keys on disk: ``encoder.layers`` with a leading axis L maps to ``encoder.layers.{i}.*``.
+Bare params that the model names in its ``BARE`` class attribute (e.g. CLIP's ``logit_scale``) are keyed by
+their path as it stands, with no leaf renaming.
 Loading is strict: every missing, unexpected, mis-shaped or non-finite tensor raises, naming the key.
 """
 
@@ -59,8 +61,12 @@ def _stacked_prefix(model: nnx.Module, path: tuple[Any, ...]) -> int:
 
 def param_entries(model: nnx.Module) -> Iterator[tuple[tuple[Any, ...], str, int | None, str]]:
     """Yield (nnx path, hf key, layer index or None, leaf name) for every param, layers unstacked."""
+    bare = set(getattr(type(model), "BARE", ()))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         leaf = str(path[-1])
+        if ".".join(map(str, path)) in bare:
+            yield path, ".".join(map(str, path)), None, leaf
+            continue
         if leaf not in LEAF_TO_HF:
             raise WeightsError(f"param {'.'.join(map(str, path))}: leaf {leaf!r} has no state-dict name")
         rest = ".".join(str(p) for p in path[:-1]) + "." + LEAF_TO_HF[leaf]
@@ -91,7 +97,8 @@ def to_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarray]
     for path, key, i, leaf in param_entries(model):
         arr = flat[path] if i is None else flat[path][i]
         arr = _to_hf_layout(leaf, arr)
-        out[key] = np.ascontiguousarray(arr if dtype is None else arr.astype(dtype))
+        arr = arr if dtype is None else arr.astype(dtype)
+        out[key] = np.ascontiguousarray(arr).reshape(arr.shape)  # keeps 0-d params (logit_scale) 0-d
     return out
 
 

@@ -26,7 +26,7 @@ def load_torch(module: torch.nn.Module, state: dict[str, np.ndarray], prefix: st
 def torch_pipeline(sd: StableDiffusion) -> StableDiffusionPipeline:
     """A diffusers StableDiffusionPipeline holding exactly ``sd``'s weights (float32, CPU)."""
     text = CLIPTextModel(CLIPTextConfig(**sd.config.text_encoder.to_dict()))
-    load_torch(text, to_state_dict(sd.text_encoder), prefix="text_model.")
+    load_torch(text, to_state_dict(sd.text_encoder))
     unet = UNet2DConditionModel.from_config(sd.config.unet.to_dict())
     load_torch(unet, to_state_dict(sd.unet))
     vae = AutoencoderKL.from_config(sd.config.vae.to_dict())

@@ -1,0 +1,1 @@
+"""The PyTorch bridge: reading pickled checkpoints safely and converting them (needs torch)."""

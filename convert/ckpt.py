@@ -1,0 +1,72 @@
+"""Read a pickled PyTorch checkpoint (.ckpt/.bin/.pt) as numpy, never running code from the file.
+
+Only ``torch.load(..., weights_only=True)`` is used: a pickle that needs anything beyond tensors and
+plain containers is refused with a one-line error. Run as ``python -m convert.ckpt IN.ckpt OUT.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from jax_erasepro.weights import WeightsError
+
+
+class _TrainerCallback:
+    """Inert stand-in for the Lightning ``ModelCheckpoint`` class that CompVis training files pickle.
+
+    Real SD v1 ``.ckpt`` files keep it (as a dict key under ``callbacks``); it carries no weights.
+    """
+
+
+# name in the pickle -> the inert class it loads as (the real class is never imported)
+_STAND_INS = [(_TrainerCallback, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+
+
+def _to_numpy(key: str, value: object, path: Path) -> np.ndarray:
+    if not isinstance(value, torch.Tensor):
+        raise WeightsError(f"{path}: key {key!r} holds a {type(value).__name__}, not a tensor")
+    t = value.detach().contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits, exactly
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def load_ckpt(path: str | Path) -> dict[str, np.ndarray]:
+    """The state dict of a pickled checkpoint (``state_dict`` taken if nested) as numpy arrays."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_STAND_INS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise WeightsError(
+            f"refusing to unpickle {path}: it needs arbitrary code execution ({reason[:200]}); "
+            "convert it to safetensors in a trusted environment"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return {str(k): _to_numpy(str(k), v, path) for k, v in obj.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Convert one pickled checkpoint to a safetensors file with the same keys."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", type=Path)
+    parser.add_argument("dst", type=Path)
+    args = parser.parse_args(argv)
+    tensors = {k: np.ascontiguousarray(v) for k, v in load_ckpt(args.src).items()}
+    save_file(tensors, str(args.dst))
+    print(f"wrote {len(tensors)} tensors to {args.dst}")
+
+
+if __name__ == "__main__":
+    main()

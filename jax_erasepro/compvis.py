@@ -1,0 +1,455 @@
+"""The one two-way table between single-file CompVis (ldm) SD v1.x checkpoints and diffusers keys.
+
+Generated from the three diffusers configs, so tiny test configs and SD v1.4 use the same code. Each
+row is (CompVis key, component-prefixed diffusers key, layout rule); the rules are ``identity`` and
+``conv1x1_linear`` (ldm's VAE mid attention is 1x1 convs, diffusers' Linear: a reshape, exact).
+Both directions are strict: an unknown, missing, duplicate or mis-shaped tensor raises naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from jax_erasepro.models.config import ConfigError
+from jax_erasepro.weights import WeightsError
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+IDENTITY, CONV1X1_LINEAR = "identity", "conv1x1_linear"
+
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+_TEXT_BARE_PREFIX = "cond_stage_model.transformer."  # older files: no ``text_model.`` level
+HF_TEXT_PREFIX = "text_model."  # transformers < 5 writes it; ours and transformers 5 do not
+
+# Non-weight entries of real single-file checkpoints: ldm's diffusion schedule buffers, the EMA copy
+# (pruned files already hold EMA weights in ``model.*``), CLIP's position_ids buffer.
+IGNORED_KEYS = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "logvar",
+        "lvlb_weights",
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+        "cond_stage_model.transformer.embeddings.position_ids",
+    }
+)
+IGNORED_PREFIXES = ("model_ema.",)
+
+# UNet config keys that add parameters the SD v1.x ldm layout has no place for: key -> accepted values.
+_UNET_FIXED = {
+    "class_embed_type": (None,),
+    "addition_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "encoder_hid_dim": (None,),
+    "time_cond_proj_dim": (None,),
+    "time_embedding_type": ("positional",),
+    "resnet_time_scale_shift": ("default",),
+    "only_cross_attention": (False,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+}
+_VAE_FIXED = {"mid_block_add_attention": (True,), "use_quant_conv": (True,), "use_post_quant_conv": (True,)}
+
+_UNET_RESNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+_VAE_RESNET = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "nin_shortcut": "conv_shortcut",
+}
+_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_LEGACY_VAE_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_VAE_RE = re.compile(r"^(.*mid_block\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+
+Row = tuple[str, str, str, tuple[int, ...]]  # compvis key, diffusers key, rule, diffusers shape
+
+
+def _check_fixed(cfg: Mapping[str, Any], fixed: Mapping[str, tuple[Any, ...]], name: str) -> None:
+    for key, accepted in fixed.items():
+        if key in cfg and cfg[key] not in accepted:
+            raise ConfigError(f"{name} config: {key}={cfg[key]!r} has no SD v1.x CompVis layout")
+
+
+def _param(cv: str, df: str, *shapes: tuple[int, ...], rule: str = IDENTITY) -> Iterator[Row]:
+    """Rows for ``weight`` (and ``bias`` when a second shape is given) of one layer."""
+    yield cv + ".weight", df + ".weight", rule, shapes[0]
+    if len(shapes) > 1:
+        yield cv + ".bias", df + ".bias", IDENTITY, shapes[1]
+
+
+def _conv(cv: str, df: str, c_out: int, c_in: int, k: int) -> Iterator[Row]:
+    return _param(cv, df, (c_out, c_in, k, k), (c_out,))
+
+
+def _norm(cv: str, df: str, c: int) -> Iterator[Row]:
+    return _param(cv, df, (c,), (c,))
+
+
+def _resnet(
+    cv: str, df: str, names: Mapping[str, str], c_in: int, c_out: int, temb: int | None
+) -> Iterator[Row]:
+    """A ResnetBlock2D; ``names`` maps ldm sub-layer names to diffusers ones."""
+    d = {v: k for k, v in names.items()}
+    yield from _norm(f"{cv}.{d['norm1']}", f"{df}.norm1", c_in)
+    yield from _conv(f"{cv}.{d['conv1']}", f"{df}.conv1", c_out, c_in, 3)
+    if temb is not None:
+        yield from _param(f"{cv}.{d['time_emb_proj']}", f"{df}.time_emb_proj", (c_out, temb), (c_out,))
+    yield from _norm(f"{cv}.{d['norm2']}", f"{df}.norm2", c_out)
+    yield from _conv(f"{cv}.{d['conv2']}", f"{df}.conv2", c_out, c_out, 3)
+    if c_in != c_out:
+        yield from _conv(f"{cv}.{d['conv_shortcut']}", f"{df}.conv_shortcut", c_out, c_in, 1)
+
+
+def _transformer(cv: str, df: str, c: int, cross: int, depth: int, linear_proj: bool) -> Iterator[Row]:
+    """A Transformer2DModel / ldm SpatialTransformer: the sub-keys are the same on both sides."""
+    proj = (c, c) if linear_proj else (c, c, 1, 1)
+    yield from _norm(f"{cv}.norm", f"{df}.norm", c)
+    yield from _param(f"{cv}.proj_in", f"{df}.proj_in", proj, (c,))
+    for t in range(depth):
+        cb, db = f"{cv}.transformer_blocks.{t}", f"{df}.transformer_blocks.{t}"
+        for attn, kv in (("attn1", c), ("attn2", cross)):
+            yield from _param(f"{cb}.{attn}.to_q", f"{db}.{attn}.to_q", (c, c))
+            yield from _param(f"{cb}.{attn}.to_k", f"{db}.{attn}.to_k", (c, kv))
+            yield from _param(f"{cb}.{attn}.to_v", f"{db}.{attn}.to_v", (c, kv))
+            yield from _param(f"{cb}.{attn}.to_out.0", f"{db}.{attn}.to_out.0", (c, c), (c,))
+        for n in ("norm1", "norm2", "norm3"):
+            yield from _norm(f"{cb}.{n}", f"{db}.{n}", c)
+        yield from _param(f"{cb}.ff.net.0.proj", f"{db}.ff.net.0.proj", (8 * c, c), (8 * c,))
+        yield from _param(f"{cb}.ff.net.2", f"{db}.ff.net.2", (c, 4 * c), (c,))
+    yield from _param(f"{cv}.proj_out", f"{df}.proj_out", proj, (c,))
+
+
+def _unet_rows(cfg: Mapping[str, Any]) -> Iterator[Row]:
+    """ldm UNetModel <-> UNet2DConditionModel: input_blocks / middle_block / output_blocks numbering."""
+    _check_fixed(cfg, _UNET_FIXED, "unet")
+    chans = list(cfg["block_out_channels"])
+    lpb, n = cfg["layers_per_block"], len(chans)
+    depth = cfg.get("transformer_layers_per_block", 1)
+    if not isinstance(lpb, int) or not isinstance(depth, int):
+        raise ConfigError("unet config: layers_per_block and transformer_layers_per_block must be integers")
+    down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    if len(down) != n or len(up) != n:
+        raise ConfigError("unet config: down_block_types / up_block_types must match block_out_channels")
+    for t in down + up:
+        if t not in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"):
+            raise ConfigError(f"unet config: block type {t!r} has no SD v1.x CompVis layout")
+    temb = cfg.get("time_embedding_dim") or 4 * chans[0]
+    cross, lin = cfg["cross_attention_dim"], cfg.get("use_linear_projection", False)
+    p = UNET_PREFIX
+
+    yield from _param(f"{p}time_embed.0", "time_embedding.linear_1", (temb, chans[0]), (temb,))
+    yield from _param(f"{p}time_embed.2", "time_embedding.linear_2", (temb, temb), (temb,))
+    yield from _conv(f"{p}input_blocks.0.0", "conv_in", chans[0], cfg.get("in_channels", 4), 3)
+    c_prev = chans[0]
+    for b, c in enumerate(chans):
+        for j in range(lpb):
+            i = 1 + b * (lpb + 1) + j
+            yield from _resnet(
+                f"{p}input_blocks.{i}.0",
+                f"down_blocks.{b}.resnets.{j}",
+                _UNET_RESNET,
+                c_prev if j == 0 else c,
+                c,
+                temb,
+            )
+            if down[b] == "CrossAttnDownBlock2D":
+                yield from _transformer(
+                    f"{p}input_blocks.{i}.1", f"down_blocks.{b}.attentions.{j}", c, cross, depth, lin
+                )
+        if b < n - 1:
+            i = 1 + b * (lpb + 1) + lpb
+            yield from _conv(f"{p}input_blocks.{i}.0.op", f"down_blocks.{b}.downsamplers.0.conv", c, c, 3)
+        c_prev = c
+    c = chans[-1]
+    yield from _resnet(f"{p}middle_block.0", "mid_block.resnets.0", _UNET_RESNET, c, c, temb)
+    yield from _transformer(f"{p}middle_block.1", "mid_block.attentions.0", c, cross, depth, lin)
+    yield from _resnet(f"{p}middle_block.2", "mid_block.resnets.1", _UNET_RESNET, c, c, temb)
+    rev = chans[::-1]
+    for b, c in enumerate(rev):
+        c_prev, c_skip_last = rev[max(b - 1, 0)], rev[min(b + 1, n - 1)]
+        attn = up[b] == "CrossAttnUpBlock2D"
+        for j in range(lpb + 1):
+            i = b * (lpb + 1) + j
+            c_in = (c_prev if j == 0 else c) + (c_skip_last if j == lpb else c)
+            yield from _resnet(
+                f"{p}output_blocks.{i}.0", f"up_blocks.{b}.resnets.{j}", _UNET_RESNET, c_in, c, temb
+            )
+            if attn:
+                yield from _transformer(
+                    f"{p}output_blocks.{i}.1", f"up_blocks.{b}.attentions.{j}", c, cross, depth, lin
+                )
+        if b < n - 1:
+            i = b * (lpb + 1) + lpb
+            yield from _conv(
+                f"{p}output_blocks.{i}.{2 if attn else 1}.conv", f"up_blocks.{b}.upsamplers.0.conv", c, c, 3
+            )
+    yield from _norm(f"{p}out.0", "conv_norm_out", chans[0])
+    yield from _conv(f"{p}out.2", "conv_out", cfg.get("out_channels", 4), chans[0], 3)
+
+
+def _vae_mid(cv: str, df: str, c: int) -> Iterator[Row]:
+    yield from _resnet(f"{cv}.block_1", f"{df}.resnets.0", _VAE_RESNET, c, c, None)
+    for ldm, hf in _VAE_ATTN.items():
+        if ldm == "norm":
+            yield from _norm(f"{cv}.attn_1.norm", f"{df}.attentions.0.group_norm", c)
+        else:
+            yield from _param(
+                f"{cv}.attn_1.{ldm}", f"{df}.attentions.0.{hf}", (c, c), (c,), rule=CONV1X1_LINEAR
+            )
+    yield from _resnet(f"{cv}.block_2", f"{df}.resnets.1", _VAE_RESNET, c, c, None)
+
+
+def _vae_rows(cfg: Mapping[str, Any]) -> Iterator[Row]:
+    """ldm AutoencoderKL (encoder.down.{i}.block.{j}, mid.block_1/attn_1/block_2) <-> diffusers'."""
+    _check_fixed(cfg, _VAE_FIXED, "vae")
+    chans, lpb = list(cfg["block_out_channels"]), cfg["layers_per_block"]
+    n, lat, p = len(chans), cfg.get("latent_channels", 4), VAE_PREFIX
+    for t in list(cfg["down_block_types"]) + list(cfg["up_block_types"]):
+        if t not in ("DownEncoderBlock2D", "UpDecoderBlock2D"):
+            raise ConfigError(f"vae config: block type {t!r} has no SD v1.x CompVis layout")
+
+    yield from _conv(f"{p}encoder.conv_in", "encoder.conv_in", chans[0], cfg.get("in_channels", 3), 3)
+    c_prev = chans[0]
+    for b, c in enumerate(chans):
+        for j in range(lpb):
+            yield from _resnet(
+                f"{p}encoder.down.{b}.block.{j}",
+                f"encoder.down_blocks.{b}.resnets.{j}",
+                _VAE_RESNET,
+                c_prev if j == 0 else c,
+                c,
+                None,
+            )
+        if b < n - 1:
+            yield from _conv(
+                f"{p}encoder.down.{b}.downsample.conv",
+                f"encoder.down_blocks.{b}.downsamplers.0.conv",
+                c,
+                c,
+                3,
+            )
+        c_prev = c
+    yield from _vae_mid(f"{p}encoder.mid", "encoder.mid_block", chans[-1])
+    yield from _norm(f"{p}encoder.norm_out", "encoder.conv_norm_out", chans[-1])
+    yield from _conv(f"{p}encoder.conv_out", "encoder.conv_out", 2 * lat, chans[-1], 3)
+    yield from _conv(f"{p}quant_conv", "quant_conv", 2 * lat, 2 * lat, 1)
+    yield from _conv(f"{p}post_quant_conv", "post_quant_conv", lat, lat, 1)
+    yield from _conv(f"{p}decoder.conv_in", "decoder.conv_in", chans[-1], lat, 3)
+    yield from _vae_mid(f"{p}decoder.mid", "decoder.mid_block", chans[-1])
+    rev = chans[::-1]
+    for b, c in enumerate(rev):
+        ldm_b, c_prev = n - 1 - b, rev[max(b - 1, 0)]
+        for j in range(lpb + 1):
+            yield from _resnet(
+                f"{p}decoder.up.{ldm_b}.block.{j}",
+                f"decoder.up_blocks.{b}.resnets.{j}",
+                _VAE_RESNET,
+                c_prev if j == 0 else c,
+                c,
+                None,
+            )
+        if b < n - 1:
+            yield from _conv(
+                f"{p}decoder.up.{ldm_b}.upsample.conv", f"decoder.up_blocks.{b}.upsamplers.0.conv", c, c, 3
+            )
+    yield from _norm(f"{p}decoder.norm_out", "decoder.conv_norm_out", chans[0])
+    yield from _conv(f"{p}decoder.conv_out", "decoder.conv_out", cfg.get("out_channels", 3), chans[0], 3)
+
+
+def _text_rows(cfg: Mapping[str, Any]) -> Iterator[Row]:
+    """CLIP text model: the CompVis key is the transformers key under ``cond_stage_model.transformer.``."""
+    h, f, p = cfg["hidden_size"], cfg["intermediate_size"], TEXT_PREFIX
+    yield from _param(f"{p}embeddings.token_embedding", "embeddings.token_embedding", (cfg["vocab_size"], h))
+    yield from _param(
+        f"{p}embeddings.position_embedding",
+        "embeddings.position_embedding",
+        (cfg["max_position_embeddings"], h),
+    )
+    for i in range(cfg["num_hidden_layers"]):
+        layer = f"encoder.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            yield from _param(f"{p}{layer}.self_attn.{proj}", f"{layer}.self_attn.{proj}", (h, h), (h,))
+        yield from _norm(f"{p}{layer}.layer_norm1", f"{layer}.layer_norm1", h)
+        yield from _param(f"{p}{layer}.mlp.fc1", f"{layer}.mlp.fc1", (f, h), (f,))
+        yield from _param(f"{p}{layer}.mlp.fc2", f"{layer}.mlp.fc2", (h, f), (h,))
+        yield from _norm(f"{p}{layer}.layer_norm2", f"{layer}.layer_norm2", h)
+    yield from _norm(f"{p}final_layer_norm", "final_layer_norm", h)
+
+
+def _rows(unet_cfg: Mapping[str, Any], vae_cfg: Mapping[str, Any], text_cfg: Mapping[str, Any]) -> list[Row]:
+    rows = []
+    for comp, gen in (
+        ("unet", _unet_rows(unet_cfg)),
+        ("vae", _vae_rows(vae_cfg)),
+        ("text_encoder", _text_rows(text_cfg)),
+    ):
+        rows += [(cv, f"{comp}.{df}", rule, shape) for cv, df, rule, shape in gen]
+    return rows
+
+
+def compvis_key_map(
+    unet_cfg: Mapping[str, Any], vae_cfg: Mapping[str, Any], text_cfg: Mapping[str, Any]
+) -> list[tuple[str, str, str]]:
+    """The table: (CompVis key, ``unet.``/``vae.``/``text_encoder.``-prefixed diffusers key, layout rule)."""
+    return [(cv, df, rule) for cv, df, rule, _ in _rows(unet_cfg, vae_cfg, text_cfg)]
+
+
+def diffusers_shapes(
+    unet_cfg: Mapping[str, Any], vae_cfg: Mapping[str, Any], text_cfg: Mapping[str, Any]
+) -> dict[str, tuple[int, ...]]:
+    """Prefixed diffusers key -> the shape the configs imply (what both directions check against)."""
+    return {df: shape for _, df, _, shape in _rows(unet_cfg, vae_cfg, text_cfg)}
+
+
+def _compvis_shape(rule: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*shape, 1, 1) if rule == CONV1X1_LINEAR else shape
+
+
+def _to_diffusers(rule: str, arr: np.ndarray) -> np.ndarray:
+    return arr.reshape(arr.shape[:2]) if rule == CONV1X1_LINEAR else arr
+
+
+def _to_compvis(rule: str, arr: np.ndarray) -> np.ndarray:
+    return arr.reshape(*arr.shape, 1, 1) if rule == CONV1X1_LINEAR else arr
+
+
+def _table(configs: Mapping[str, Mapping[str, Any]]) -> list[Row]:
+    missing = [c for c in COMPONENTS if c not in configs]
+    if missing:
+        raise ConfigError(f"configs: missing the {missing[0]!r} config (need {', '.join(COMPONENTS)})")
+    return _rows(configs["unet"], configs["vae"], configs["text_encoder"])
+
+
+def is_ignored(key: str) -> bool:
+    """Whether a single-file checkpoint key is a known non-weight entry (schedule buffers, EMA, ids)."""
+    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
+
+
+def _canonical_compvis(key: str) -> str:
+    """Older files name the text encoder ``cond_stage_model.transformer.<key>``; add ``text_model.``."""
+    if key.startswith(_TEXT_BARE_PREFIX) and not key.startswith(TEXT_PREFIX):
+        return TEXT_PREFIX + key[len(_TEXT_BARE_PREFIX) :]
+    return key
+
+
+def _raise_missing(missing: set[str], source: str) -> None:
+    if missing:
+        first = sorted(missing)[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{source}: missing key {first!r}{more}")
+
+
+def compvis_to_diffusers(
+    tensors: Mapping[str, np.ndarray], configs: Mapping[str, Mapping[str, Any]], *, source: str = "checkpoint"
+) -> dict[str, dict[str, np.ndarray]]:
+    """Split a single-file CompVis state dict into diffusers ``unet``/``vae``/``text_encoder`` dicts.
+
+    ``configs`` maps those component names to their diffusers config dicts. Text encoder keys come out
+    without the ``text_model.`` prefix (transformers 5 and our models). Strict: raises WeightsError.
+    """
+    by_cv = {cv: (df, rule, shape) for cv, df, rule, shape in _table(configs)}
+    out: dict[str, dict[str, np.ndarray]] = {c: {} for c in COMPONENTS}
+    seen: dict[str, str] = {}
+    for key in tensors:
+        if is_ignored(key):
+            continue
+        cv = _canonical_compvis(key)
+        if cv not in by_cv:
+            raise WeightsError(f"{source}: unexpected key {key!r}")
+        if cv in seen:
+            raise WeightsError(f"{source}: key {key!r} duplicates {seen[cv]!r}")
+        seen[cv] = key
+        df, rule, shape = by_cv[cv]
+        arr = np.asarray(tensors[key])
+        want = _compvis_shape(rule, shape)
+        if arr.shape != want:
+            raise WeightsError(f"{source}: key {key!r} has shape {arr.shape}, the config expects {want}")
+        comp, name = df.split(".", 1)
+        out[comp][name] = _to_diffusers(rule, arr)
+    _raise_missing(set(by_cv) - set(seen), source)
+    return out
+
+
+def normalize_vae_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rename legacy diffusers VAE attention keys (query/key/value/proj_attn) to to_q/to_k/to_v/to_out.0.
+
+    Old files may also hold those weights as 1x1 convs (C, C, 1, 1); they become Linear (C, C), exactly.
+    """
+    out: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        m = _LEGACY_VAE_RE.match(key)
+        arr = np.asarray(value)
+        if m:
+            key = f"{m[1]}{_LEGACY_VAE_ATTN[m[2]]}.{m[3]}"
+            if arr.ndim == 4 and arr.shape[2:] == (1, 1):
+                arr = arr.reshape(arr.shape[:2])
+        if key in out:
+            raise WeightsError(f"vae: key {key!r} is present in both legacy and current form")
+        out[key] = arr
+    return out
+
+
+def _normalize_text_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop the ``text_model.`` prefix when every key carries it, and the position_ids buffer."""
+    strip = bool(state) and all(k.startswith(HF_TEXT_PREFIX) for k in state)
+    out = {k[len(HF_TEXT_PREFIX) :] if strip else k: v for k, v in state.items()}
+    out.pop("embeddings.position_ids", None)
+    return out
+
+
+def diffusers_to_compvis(
+    components: Mapping[str, Mapping[str, np.ndarray]],
+    configs: Mapping[str, Mapping[str, Any]],
+    *,
+    source: str = "diffusers model",
+) -> dict[str, np.ndarray]:
+    """Merge diffusers ``unet``/``vae``/``text_encoder`` state dicts into one CompVis single-file dict.
+
+    Accepts legacy VAE attention names and text encoder keys with or without ``text_model.``; writes
+    the standard ``cond_stage_model.transformer.text_model.*`` layout. Strict: raises WeightsError.
+    """
+    flat: dict[str, np.ndarray] = {}
+    for comp in COMPONENTS:
+        if comp not in components:
+            raise WeightsError(f"{source}: missing component {comp!r}")
+        state = components[comp]
+        if comp == "vae":
+            state = normalize_vae_keys(state)
+        elif comp == "text_encoder":
+            state = _normalize_text_keys(state)
+        flat.update({f"{comp}.{k}": v for k, v in state.items()})
+    table = _table(configs)
+    unexpected = sorted(flat.keys() - {df for _, df, _, _ in table})
+    if unexpected:
+        raise WeightsError(f"{source}: unexpected key {unexpected[0]!r}")
+    _raise_missing({df for _, df, _, _ in table} - flat.keys(), source)
+    out: dict[str, np.ndarray] = {}
+    for cv, df, rule, shape in table:
+        arr = np.asarray(flat[df])
+        if arr.shape != shape:
+            raise WeightsError(f"{source}: key {df!r} has shape {arr.shape}, the config expects {shape}")
+        out[cv] = _to_compvis(rule, arr)
+    return out

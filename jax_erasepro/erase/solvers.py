@@ -1,0 +1,315 @@
+"""Closed-form erasure solvers (ErasePro's constrained edit, UCE): many weights against one factorisation.
+
+Weights are in PyTorch layout ``W`` of shape ``(..., d_out, d_in)`` acting as ``W @ x``; a Flax
+``nnx.Linear`` kernel is ``W.T``, so callers pass ``jnp.swapaxes(kernel, -1, -2)`` and transpose back.
+Features are columns: ``x``, ``y`` are ``(d_in, N)`` (one column per token), ``preserve`` is ``(d_in, M)``.
+Leading axes of ``W`` share one factorisation of the features (the U-Net ``to_k``/``to_v`` of one shape
+bucket); features that differ per layer (CLIP's 12 layers) go through ``jax.vmap`` over both arguments.
+No solve forms ``C^T C`` or ``X X^T``: all use SVDs with singular values masked below ``rcond * sigma_max``,
+so shapes stay static and everything jits.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import Array
+
+Precision = Literal["float32", "float64"]
+
+# Singular values below DEFAULT_RCOND * sigma_max are treated as zero. Measured on CLIP-like features
+# (tests/erase/test_solvers.py): float32 keeps relative residuals near 1e-6 up to condition ~1e4.
+DEFAULT_RCOND = 1e-5
+
+
+class RankDeficientError(ValueError):
+    """The columns asked to hold exactly are linearly dependent beyond the rank cutoff."""
+
+
+@struct.dataclass
+class SolveReport:
+    """What a constrained solve reached: the columns held exactly, the rank used, residuals per column."""
+
+    hard: Array  # (K,) bool: columns held exactly, W c_k = t_k
+    preserved: Array  # (K,) bool: preservation columns (t_k = W_o c_k), for the group residuals
+    rank: Array  # (): singular values of the hard columns kept above the cutoff
+    sigma_min_kept: Array  # (): smallest kept singular value of the hard columns (0 when none kept)
+    condition: Array  # (): largest / smallest kept singular value of the hard columns (0 when none kept)
+    column_residual_sq: Array  # (..., K): ||W c_k - t_k||^2 for the returned W
+    column_target_sq: Array  # (..., K): ||t_k||^2
+    relative_change: Array  # (...,): ||W - W_o||_F / ||W_o||_F
+
+    def residual(self, columns: Array) -> Array:
+        """Relative residual ||W C_S - T_S||_F / ||T_S||_F over the columns of a (K,) mask (0 if empty)."""
+        num = jnp.sum(jnp.where(columns, self.column_residual_sq, 0), -1)
+        den = jnp.sum(jnp.where(columns, self.column_target_sq, 0), -1)
+        return jnp.sqrt(num / jnp.maximum(den, jnp.finfo(den.dtype).tiny))
+
+    @property
+    def residual_hard(self) -> Array:
+        return self.residual(self.hard)
+
+    @property
+    def residual_soft(self) -> Array:
+        return self.residual(~self.hard)
+
+    @property
+    def residual_target(self) -> Array:
+        return self.residual(~self.preserved)
+
+    @property
+    def residual_preserve(self) -> Array:
+        return self.residual(self.preserved)
+
+
+@struct.dataclass
+class UCEReport:
+    """UCE's objective at the returned W, its relative change and its residual per column group."""
+
+    objective: Array  # (...,): lam||W - W_o||^2 + s_e ||W X - W_o Y||^2 + s_p ||W P - W_o P||^2
+    relative_change: Array  # (...,): ||W - W_o||_F / ||W_o||_F
+    residual_target: Array  # (...,): ||W X - W_o Y||_F / ||W_o Y||_F
+    residual_preserve: Array  # (...,): ||W P - W_o P||_F / ||W_o P||_F (0 without preserved columns)
+
+
+def _compute_dtype(precision: Precision) -> jnp.dtype:
+    if precision == "float32":
+        return jnp.float32
+    if precision == "float64":
+        if not jax.config.jax_enable_x64:
+            raise ValueError("precision='float64' needs 64-bit JAX: call it inside `with jax.enable_x64(True):`")
+        return jnp.float64
+    raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+
+
+def _check_shapes(w_o: Array, c: Array, t: Array | None = None) -> None:
+    if c.ndim != 2 or w_o.ndim < 2 or w_o.shape[-1] != c.shape[0]:
+        raise ValueError(f"need W (..., d_out, d_in) and features (d_in, K); got W {w_o.shape}, features {c.shape}")
+    if t is not None and (t.shape[-2:] != (w_o.shape[-2], c.shape[1])):
+        raise ValueError(f"targets must be (..., d_out={w_o.shape[-2]}, K={c.shape[1]}), got {t.shape}")
+
+
+def _ratio(num: Array, den: Array) -> Array:
+    return jnp.sqrt(num / jnp.maximum(den, jnp.finfo(den.dtype).tiny))
+
+
+def _masked_svd(a: Array, tol: Array) -> tuple[Array, Array, Array, Array, Array]:
+    """Thin SVD of ``a`` and the reciprocal singular values, zeroed at or below ``tol`` (static shapes)."""
+    u, s, vt = jnp.linalg.svd(a, full_matrices=False)
+    keep = s > tol
+    return u, s, jnp.where(keep, 1 / jnp.where(keep, s, 1), 0), vt, keep
+
+
+def _select_hard(c: Array, hard: Array, priority: Array, tol: Array) -> Array:
+    """Admit requested columns in decreasing priority while ||C_h^+||_F <= 1 / tol, so sigma_min(C_h) >= tol.
+
+    Gram-Schmidt builds C_h = Q R column by column and tracks R^-1, whose Frobenius norm is ||C_h^+||_F.
+    """
+    k = c.shape[1]
+    order = jnp.argsort(priority, descending=True, stable=True)
+
+    def step(carry: tuple, jk: tuple[Array, Array]) -> tuple[tuple, None]:
+        basis, r_inv, fro2, kept = carry
+        j, col = jk
+        v, r = c[:, col], jnp.zeros(k, c.dtype)
+        for _ in range(2):  # Gram-Schmidt twice: the basis stays orthogonal to working precision
+            r_pass = basis.T @ v
+            v, r = v - basis @ r_pass, r + r_pass
+        rho = jnp.linalg.norm(v)
+        safe = jnp.where(rho > 0, rho, 1)
+        new_col = (-(r_inv @ r) / safe).at[j].set(1 / safe)  # last column of the grown R^-1
+        new_fro2 = fro2 + jnp.sum(new_col**2)
+        ok = hard[col] & (rho > 0) & (new_fro2 * tol**2 <= 1)
+        carry = (
+            basis.at[:, j].set(jnp.where(ok, v / safe, 0)),
+            r_inv.at[:, j].set(jnp.where(ok, new_col, 0)),
+            jnp.where(ok, new_fro2, fro2),
+            kept.at[col].set(ok),
+        )
+        return carry, None
+
+    init = (jnp.zeros_like(c), jnp.zeros((k, k), c.dtype), jnp.zeros((), c.dtype), jnp.zeros(k, bool))
+    (*_, kept), _ = jax.lax.scan(step, init, (jnp.arange(k), order))
+    return kept
+
+
+@partial(jax.jit, static_argnames=("precision",))
+def _constrained(
+    w_o: Array, c: Array, t: Array, hard: Array, priority: Array, preserved: Array, rcond: Array, precision: Precision
+) -> tuple[Array, SolveReport]:
+    dtype = _compute_dtype(precision)
+    w0, c, t = w_o.astype(dtype), c.astype(dtype), t.astype(dtype)
+    tol = rcond * jnp.linalg.svd(c, compute_uv=False)[0]
+    hard = _select_hard(c, hard, priority, tol)
+    resid = t - w0 @ c  # (..., d_out, K): what the edit D = W - W_o must add on each column
+    # Hard part: D_h = R_h C_h^+, the minimal-norm D with D C_h = R_h; its rows lie in span(C_h).
+    c_h = jnp.where(hard, c, 0)
+    u, s, inv_s, vt, keep = _masked_svd(c_h, tol)
+    d_hard = ((jnp.where(hard, resid, 0) @ vt.T) * inv_s) @ u.T
+    # Soft part: D_s with rows orthogonal to span(C_h) (so D_s C_h = 0) fitting what is left of the soft
+    # columns in least squares with minimal norm: D_s = (R_s - D_h C_s) B^+, B = (I - U U^T) C_s.
+    u_kept = jnp.where(keep, u, 0)
+    c_s = c - c_h
+    b = c_s - u_kept @ (u_kept.T @ c_s)
+    ub, _, inv_b, vbt, _ = _masked_svd(b, tol)
+    d_soft = (((jnp.where(hard, 0, resid) - d_hard @ c_s) @ vbt.T) * inv_b) @ ub.T
+    d_soft = d_soft - (d_soft @ u_kept) @ u_kept.T  # remove the rounding-level leak into span(C_h)
+    w = (w0 + d_hard + d_soft).astype(w_o.dtype)
+
+    delta = w.astype(dtype) - w0
+    rank = jnp.sum(keep)
+    s_min = jnp.min(jnp.where(keep, s, jnp.inf))
+    report = SolveReport(
+        hard=hard,
+        preserved=preserved,
+        rank=rank,
+        sigma_min_kept=jnp.where(rank > 0, s_min, 0),
+        condition=jnp.where(rank > 0, s[0] / s_min, 0),
+        column_residual_sq=jnp.sum((delta @ c - resid) ** 2, -2),
+        column_target_sq=jnp.sum(t**2, -2),
+        relative_change=_ratio(jnp.sum(delta**2, (-2, -1)), jnp.sum(w0**2, (-2, -1))),
+    )
+    return w, report
+
+
+def constrained_solve(
+    w_o: Array,
+    c: Array,
+    t: Array,
+    *,
+    hard: Array | None = None,
+    priority: Array | None = None,
+    preserved: Array | None = None,
+    rcond: float = DEFAULT_RCOND,
+    precision: Precision = "float32",
+    strict: bool = False,
+) -> tuple[Array, SolveReport]:
+    """Minimal ||W - W_o||_F with W c_k = t_k exactly on hard columns and least squares on the others.
+
+    ``w_o`` (..., d_out, d_in) and ``t`` (..., d_out, K) share one factorisation of ``c`` (d_in, K).
+    ``hard`` (K,) bool (default all) asks for exact columns; they are admitted in decreasing ``priority``
+    (K,) (default: column order) while ``||C_h^+||_F <= 1 / (rcond * sigma_max(c))`` (so cond(C_h) <=
+    1 / rcond); the rest become soft. Among the minimisers of the soft residual, W is the closest to W_o. ``strict`` raises
+    RankDeficientError when a requested hard column could not be held (needs concrete values, not jit).
+    ``precision="float64"`` needs ``jax.enable_x64``; W is returned in ``w_o``'s dtype.
+    """
+    _check_shapes(w_o, c, t)
+    _compute_dtype(precision)
+    k = c.shape[1]
+    requested = jnp.ones(k, bool) if hard is None else jnp.asarray(hard, bool)
+    priority = jnp.arange(k, 0, -1) if priority is None else jnp.asarray(priority)
+    preserved = jnp.zeros(k, bool) if preserved is None else jnp.asarray(preserved, bool)
+    w, report = _constrained(w_o, c, t, requested, priority, preserved, rcond, precision)
+    if strict:
+        _check_rank(requested, report, rcond)
+    return w, report
+
+
+def _check_rank(requested: Array, report: SolveReport, rcond: float) -> None:
+    if isinstance(report.rank, jax.core.Tracer):
+        raise ValueError("strict=True checks the rank on the host: call it outside jit/vmap or check report.rank")
+    n, held, rank = int(jnp.sum(requested)), int(jnp.sum(report.hard)), int(report.rank)
+    if held < n or rank < n:
+        raise RankDeficientError(
+            f"the {n} hard columns have rank {min(held, rank)} at rcond={rcond:g}: mark fewer columns hard "
+            "or pass strict=False to fit the rest in least squares"
+        )
+
+
+def erasepro_solve(
+    w_o: Array,
+    x: Array,
+    y: Array,
+    preserve: Array | None = None,
+    *,
+    hard: Array | None = None,
+    priority: Array | None = None,
+    rcond: float = DEFAULT_RCOND,
+    precision: Precision = "float32",
+    strict: bool = False,
+) -> tuple[Array, SolveReport]:
+    """ErasePro edit: W x_i = W_o y_i (target tokens map to their anchors), W p_j = W_o p_j, min ||W - W_o||_F.
+
+    Columns are C = [x, preserve]. ``hard`` (N,) marks the target columns to hold exactly (default all);
+    preserved columns are always hard. ``priority`` (N + M,) orders admission when the rank runs out
+    (default: target columns in order, then preserved ones). See ``constrained_solve`` for the rest.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"targets x {x.shape} and anchors y {y.shape} must have the same shape")
+    d_in, n = x.shape
+    preserve = jnp.zeros((d_in, 0), x.dtype) if preserve is None else preserve
+    c = jnp.concatenate([x, preserve], axis=1)
+    _check_shapes(w_o, c)
+    dtype = _compute_dtype(precision)
+    t = w_o.astype(dtype) @ jnp.concatenate([y, preserve], axis=1).astype(dtype)
+    m = preserve.shape[1]
+    target_hard = jnp.ones(n, bool) if hard is None else jnp.asarray(hard, bool)
+    return constrained_solve(
+        w_o,
+        c,
+        t,
+        hard=jnp.concatenate([target_hard, jnp.ones(m, bool)]),
+        priority=priority,
+        preserved=jnp.arange(n + m) >= n,
+        rcond=rcond,
+        precision=precision,
+        strict=strict,
+    )
+
+
+@partial(jax.jit, static_argnames=("precision",))
+def _uce(
+    w_o: Array, x: Array, y: Array, p: Array, lam: Array, s_e: Array, s_p: Array, precision: Precision
+) -> tuple[Array, UCEReport]:
+    dtype = _compute_dtype(precision)
+    w0, x, y, p = (a.astype(dtype) for a in (w_o, x, y, p))
+    r_x = w0 @ (y - x)  # W_o (Y - X): the target offsets on the erased columns
+    # W = W_o + R~ K~^+_lam with K~ = [sqrt(s_e) X, sqrt(s_p) P], R~ = [sqrt(s_e) R_x, 0] and the ridge
+    # inverse K~^T (lam I + K~ K~^T)^-1 = V diag(s / (s^2 + lam)) U^T (push-through identity).
+    k_t = jnp.concatenate([jnp.sqrt(s_e) * x, jnp.sqrt(s_p) * p], axis=1)
+    r_t = jnp.concatenate([jnp.sqrt(s_e) * r_x, jnp.zeros(r_x.shape[:-1] + p.shape[1:], dtype)], axis=-1)
+    u, s, vt = jnp.linalg.svd(k_t, full_matrices=False)
+    w = (w0 + ((r_t @ vt.T) * (s / (s**2 + lam))) @ u.T).astype(w_o.dtype)
+
+    delta = w.astype(dtype) - w0
+    change_sq, res_x_sq, res_p_sq = (jnp.sum(a**2, (-2, -1)) for a in (delta, delta @ x - r_x, delta @ p))
+    report = UCEReport(
+        objective=lam * change_sq + s_e * res_x_sq + s_p * res_p_sq,
+        relative_change=_ratio(change_sq, jnp.sum(w0**2, (-2, -1))),
+        residual_target=_ratio(res_x_sq, jnp.sum((w0 @ y) ** 2, (-2, -1))),
+        residual_preserve=_ratio(res_p_sq, jnp.sum((w0 @ p) ** 2, (-2, -1))),
+    )
+    return w, report
+
+
+def uce_solve(
+    w_o: Array,
+    x: Array,
+    y: Array,
+    preserve: Array | None = None,
+    *,
+    lam: float = 0.5,
+    erase_scale: float = 1.0,
+    preserve_scale: float | None = None,
+    precision: Precision = "float32",
+) -> tuple[Array, UCEReport]:
+    """UCE: W = (lam W_o + s_e W_o Y X^T + s_p W_o P P^T)(lam I + s_e X X^T + s_p P P^T)^-1 (Gandikota et al.).
+
+    Evaluated as the ridge solve W_o + R~ V diag(s / (s^2 + lam)) U^T from the SVD of the scaled features,
+    which is exact for lam > 0, bounded by 1 / (2 sqrt(lam)) and never forms X X^T.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"targets x {x.shape} and anchors y {y.shape} must have the same shape")
+    _check_shapes(w_o, x)
+    _compute_dtype(precision)
+    if not isinstance(lam, jax.core.Tracer) and lam <= 0:
+        raise ValueError(f"UCE needs lam > 0, got {lam}")
+    if preserve is not None and preserve_scale is None:
+        raise ValueError("preserve columns given without preserve_scale")
+    preserve = jnp.zeros((x.shape[0], 0), x.dtype) if preserve is None else preserve
+    s_p = 0.0 if preserve_scale is None else preserve_scale
+    return _uce(w_o, x, y, preserve, lam, erase_scale, s_p, precision)

@@ -1,0 +1,86 @@
+"""Resnet blocks and resamplers of the SD UNet and VAE (diffusers ``resnet.py``), on NHWC feature maps."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def group_norm(channels: int, groups: int, eps: float, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
+    """torch ``GroupNorm`` over the last (channel) axis, two-pass variance as torch computes it."""
+    return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False, rngs=rngs)
+
+
+def conv(cin: int, cout: int, kernel: int, *, stride: int = 1, pad: int | tuple, rngs: nnx.Rngs) -> nnx.Conv:
+    """torch ``Conv2d`` with explicit padding (``pad`` an int, or ((top, bottom), (left, right)))."""
+    padding = ((pad, pad), (pad, pad)) if isinstance(pad, int) else pad
+    return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=padding, rngs=rngs)
+
+
+class ResnetBlock2D(nnx.Module):
+    """GroupNorm-SiLU-conv twice, time embedding added between, 1x1 ``conv_shortcut`` when widths differ."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        temb_channels: int | None,
+        groups: int,
+        eps: float,
+        output_scale_factor: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
+        self.norm1 = group_norm(in_channels, groups, eps, rngs=rngs)
+        self.conv1 = conv(in_channels, out_channels, 3, pad=1, rngs=rngs)
+        self.time_emb_proj = nnx.Linear(temb_channels, out_channels, rngs=rngs) if temb_channels else None
+        self.norm2 = group_norm(out_channels, groups, eps, rngs=rngs)
+        self.conv2 = conv(out_channels, out_channels, 3, pad=1, rngs=rngs)
+        self.conv_shortcut = (
+            conv(in_channels, out_channels, 1, pad=0, rngs=rngs) if in_channels != out_channels else None
+        )
+        self.output_scale_factor = output_scale_factor
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        return out if self.output_scale_factor == 1 else out / self.output_scale_factor
+
+
+class Downsample2D(nnx.Module):
+    """Stride-2 3x3 ``conv``; padding 0 pads bottom/right by one first, as diffusers (the VAE encoder) does."""
+
+    def __init__(self, channels: int, *, padding: int = 1, rngs: nnx.Rngs):
+        pad = ((0, 1), (0, 1)) if padding == 0 else padding
+        self.conv = conv(channels, channels, 3, stride=2, pad=pad, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(x)
+
+
+def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """torch ``F.interpolate(mode="nearest")`` to ``size`` on NHWC; exact 2x is a broadcast, not a gather."""
+    b, h, w, c = x.shape
+    if tuple(size) == (2 * h, 2 * w):
+        return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    rows = np.minimum(np.floor(np.arange(size[0], dtype=np.float32) * np.float32(h / size[0])), h - 1)
+    cols = np.minimum(np.floor(np.arange(size[1], dtype=np.float32) * np.float32(w / size[1])), w - 1)
+    return x[:, rows.astype(np.int32)][:, :, cols.astype(np.int32)]
+
+
+class Upsample2D(nnx.Module):
+    """Nearest-neighbour upsampling (2x, or to the skip connection's size) followed by a 3x3 ``conv``."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.conv = conv(channels, channels, 3, pad=1, rngs=rngs)
+
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        _, h, w, _ = x.shape
+        return self.conv(upsample_nearest(x, size or (2 * h, 2 * w)))
