@@ -68,7 +68,8 @@ def test_fp16_variant(sd, copy):
     for comp, stem in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                        ("text_encoder", "model")]:
         src = copy / comp / f"{stem}.safetensors"
-        save_file({k: v.astype(np.float16) for k, v in load_file(src).items()}, copy / comp / f"{stem}.fp16.safetensors")
+        half = {k: v.astype(np.float16) for k, v in load_file(src).items()}
+        save_file(half, copy / comp / f"{stem}.fp16.safetensors")
         src.unlink()
     loaded = load_pretrained(copy)  # falls back to the fp16 files
     ref = to_state_dict(sd.unet)

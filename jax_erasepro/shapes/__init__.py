@@ -1,6 +1,6 @@
 """shapes-sd's world: a seeded procedural dataset of captioned 64 px scenes with erasable concepts."""
 
-from jax_erasepro.shapes.render import make_batch, make_scenes, render, save_grid
+from jax_erasepro.shapes.render import make_batch, make_scenes, render
 from jax_erasepro.shapes.world import (
     ANCHORS,
     BACKGROUNDS,
@@ -52,5 +52,4 @@ __all__ = [
     "make_scenes",
     "render",
     "sample_scene",
-    "save_grid",
 ]

@@ -7,11 +7,10 @@ object-local coordinates), box-filtered down and alpha-composited onto the backg
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from jax_erasepro.shapes.world import (
     BACKGROUND_RGB,
@@ -34,18 +33,19 @@ DARK = np.array((20, 20, 20), np.float32)
 
 def _star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Five-pointed star, point up: fold the angle into one half-arm and test against its edge."""
-    arm = 2 * np.pi / 5
+    arm = 2 * math.pi / 5
     theta = np.arctan2(u, -v)
     phi = np.abs(np.mod(theta + arm / 2, arm) - arm / 2)
     rho = np.hypot(u, v)
     px, py = rho * np.cos(phi), rho * np.sin(phi)
-    bx, by = 0.42 * np.cos(np.pi / 5), 0.42 * np.sin(np.pi / 5)  # inner vertex; the outer one is (1, 0)
+    bx, by = 0.42 * math.cos(math.pi / 5), 0.42 * math.sin(math.pi / 5)  # inner vertex; outer one is (1, 0)
     return (bx - 1.0) * py - by * (px - 1.0) >= 0
 
 
 def _heart(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    x, y = u * 1.2, -v * 1.2 + 0.12
-    return (x * x + y * y - 1) ** 3 - x * x * y**3 <= 0
+    x, y = u * 1.2, v * -1.2 + 0.12
+    q = x * x + y * y - 1
+    return q * q * q <= x * x * y * y * y
 
 
 def _cloud(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -82,12 +82,21 @@ def _luma(rgb: Sequence[float]) -> float:
     return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 
 
+def _box(x: np.ndarray) -> np.ndarray:
+    """Average each SUPERSAMPLE^2 block of (H, W, ...); two contiguous sums, ~8x faster than mean()."""
+    h, w = x.shape[0] // SUPERSAMPLE, x.shape[1] // SUPERSAMPLE
+    rows = x.reshape(h, SUPERSAMPLE, -1).sum(1).reshape(h, w, SUPERSAMPLE, *x.shape[2:])
+    return sum(rows[:, :, k] for k in range(SUPERSAMPLE)) * (1.0 / SUPERSAMPLE**2)
+
+
 def _shade(rgb: np.ndarray, t: np.ndarray) -> np.ndarray:
     """A linear ramp from a lighter tone (t = 0) to a darker tone (t = 1) of rgb."""
     return (1.0 - t) * (rgb + 0.35 * (255.0 - rgb)) + t * (0.65 * rgb)
 
 
-def _object_layer(obj: Obj, manner: str | None, background: str, size: int):
+def _object_layer(
+    obj: Obj, manner: str | None, background: str, size: int
+) -> tuple[int, int, np.ndarray, np.ndarray]:
     """(y0, x0, coverage (h, w), premultiplied colour (h, w, 3)) of one object at the output resolution."""
     reach = obj.radius * REACH.get(manner, 1.15)
     cx, cy = obj.center
@@ -97,7 +106,7 @@ def _object_layer(obj: Obj, manner: str | None, background: str, size: int):
     xs = (np.arange(x0 * SUPERSAMPLE, x1 * SUPERSAMPLE, dtype=np.float32) + 0.5) / ss
     ys = (np.arange(y0 * SUPERSAMPLE, y1 * SUPERSAMPLE, dtype=np.float32) + 0.5) / ss
     dx, dy = (xs[None, :] - cx) / obj.radius, (ys[:, None] - cy) / obj.radius
-    c, s = np.cos(np.radians(obj.angle)), np.sin(np.radians(obj.angle))
+    c, s = math.cos(math.radians(obj.angle)), math.sin(math.radians(obj.angle))  # python floats keep float32
     u, v = c * dx - s * dy, s * dx + c * dy  # counter-clockwise on screen (y down)
     fu, fv = u, v
     if manner == "wobbly":
@@ -106,11 +115,11 @@ def _object_layer(obj: Obj, manner: str | None, background: str, size: int):
     mask = inside(fu, fv)
 
     base = np.asarray(COLOUR_RGB[obj.colour], np.float32)
-    field = np.broadcast_to(base, (*mask.shape, 3))
+    field = base  # stays (3,) while the colour is flat, the common and cheap case; else (H, W, 3)
     if obj.has_stripes:
         # a darker (or, for dark colours, lighter) tone keeps the silhouette whole on any background
         stripe_rgb = base * 0.35 if _luma(base) >= 100 else base + 0.6 * (255.0 - base)
-        on = np.mod((u + v) * (obj.radius / (PATTERN_PERIOD * np.sqrt(2))), 1.0) < 0.5
+        on = np.mod((u + v) * (obj.radius / (PATTERN_PERIOD * math.sqrt(2))), 1.0) < 0.5
         field = np.where(on[..., None], stripe_rgb, field)
     alpha = mask.astype(np.float32)
     if manner == "dots":
@@ -141,9 +150,8 @@ def _object_layer(obj: Obj, manner: str | None, background: str, size: int):
         field = np.where(eyes[..., None], np.where(pupils[..., None], DARK, WHITE), field)
         alpha = np.where(eyes, 1.0, alpha)
 
-    h, w = y1 - y0, x1 - x0
-    premult = (alpha[..., None] * field).reshape(h, SUPERSAMPLE, w, SUPERSAMPLE, 3).mean(axis=(1, 3))
-    coverage = alpha.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE).mean(axis=(1, 3))
+    coverage = _box(alpha)
+    premult = coverage[..., None] * base if field.ndim == 1 else _box(alpha[..., None] * field)
     return y0, x0, coverage, premult
 
 
@@ -185,17 +193,3 @@ def make_batch(
     for i, scene in enumerate(scenes):
         images[i] = render(scene, size)
     return images, captions, Labels.from_scenes(scenes)
-
-
-def save_grid(images: np.ndarray, path: str | Path, nrow: int = 8, scale: int = 2, pad: int = 2) -> None:
-    """Tile uint8 images (n, H, W, 3) row-major into one PNG, nrow images per row, upscaled by `scale`."""
-    n, h, w, _ = images.shape
-    rows = -(-n // nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
-            img
-        )
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    Image.fromarray(grid).save(path)

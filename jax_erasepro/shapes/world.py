@@ -8,6 +8,7 @@ and an implicit attribute (stripes, worn by some characters whose captions never
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -38,6 +39,10 @@ BACKGROUND_RGB = {
 }
 BACKGROUNDS = tuple(BACKGROUND_RGB)
 MIN_CONTRAST = 80.0  # least RGB distance between an object's colour and its background
+BACKGROUNDS_FOR = {
+    c: tuple(b for b in BACKGROUNDS if math.dist(COLOUR_RGB[c], BACKGROUND_RGB[b]) >= MIN_CONTRAST)
+    for c in COLOURS
+}
 
 SIZE_RADIUS = {"small": 0.11, "medium": 0.16, "big": 0.22}  # half-extent, as a fraction of the image side
 SIZES = tuple(SIZE_RADIUS)
@@ -164,7 +169,7 @@ class Scene:
         return tuple(o.character for o in self.objects if o.character)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays have no truth value to compare by
 class Labels:
     """Ground truth per image as vocabulary indices (-1 where absent), shaped (n, MAX_OBJECTS) or (n,)."""
 
@@ -217,10 +222,6 @@ def _pick(rng: np.random.Generator, options: Sequence):
     return options[int(rng.integers(len(options)))]
 
 
-def _contrast(colour: str, background: str) -> float:
-    return float(np.linalg.norm(np.subtract(COLOUR_RGB[colour], BACKGROUND_RGB[background])))
-
-
 def _sample_object(
     rng: np.random.Generator, split: Split, size: str, position: str, force_held_out: bool, taken: set[str]
 ) -> Obj:
@@ -264,7 +265,7 @@ def sample_scene(rng: np.random.Generator, split: Split = "train") -> Scene:
     for k, (size, position) in enumerate(zip(sizes, positions, strict=True)):
         taken = {o.character for o in objects if o.character}
         objects.append(_sample_object(rng, split, size, position, force and k == 0, taken))
-    backgrounds = [b for b in BACKGROUNDS if all(_contrast(o.colour, b) >= MIN_CONTRAST for o in objects)]
+    backgrounds = [b for b in BACKGROUNDS if all(b in BACKGROUNDS_FOR[o.colour] for o in objects)]
     style = _pick(rng, STYLES) if rng.random() < P_STYLE else None
     return Scene(background=_pick(rng, backgrounds), objects=tuple(objects), style=style)
 

@@ -116,8 +116,15 @@ def test_captions_match_scenes(split, train, test):
 def test_every_concept_appears(train):
     scenes, captions = train
     labels = Labels.from_scenes(scenes)
-    for key, vocab in [("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("position", POSITIONS),
-                       ("character", CHARACTERS), ("style", STYLES), ("background", BACKGROUNDS)]:
+    for key, vocab in [
+        ("shape", SHAPES),
+        ("colour", COLOURS),
+        ("size", SIZES),
+        ("position", POSITIONS),
+        ("character", CHARACTERS),
+        ("style", STYLES),
+        ("background", BACKGROUNDS),
+    ]:
         assert set(np.unique(getattr(labels, key))) >= set(range(len(vocab))), key
     assert labels.stripes.any() and (labels.n_objects == 2).any() and (labels.n_objects == 1).any()
     text = " ".join(captions)
@@ -164,11 +171,14 @@ def test_held_out_split(train, test):
 def test_captions_fit_the_clip_context():
     tok = CLIPTokenizer.from_pretrained(TOKENIZER)
     captions = make_scenes(1, 1500, "train")[1] + make_scenes(1, 500, "test")[1]
-    prompts = [p for a in ("shape", "colour", "background", "style", "character", "stripes")
-               for p in judge_prompts(a).values()]
+    prompts = [
+        p
+        for a in ("shape", "colour", "background", "style", "character", "stripes")
+        for p in judge_prompts(a).values()
+    ]
     lengths = [len(ids) for ids in tok(captions + prompts)["input_ids"]]  # with start and end tokens
     assert max(lengths) <= 77
-    for word in SHAPES + COLOURS:  # plain English: one token each
+    for word in SHAPES + COLOURS:  # plain English words: one token each
         assert len(tok.tokenize(word)) == 1, word
     for name in CHARACTERS:  # invented names: several tokens each, like real proper names
         assert len(tok.tokenize(name)) >= 2, name
