@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 from pathlib import Path
 
 import ml_dtypes
@@ -45,9 +46,10 @@ def load_ckpt(path: str | Path) -> dict[str, np.ndarray]:
         with torch.serialization.safe_globals(_STAND_INS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" (it references {found[1]})" if found else ""
         raise WeightsError(
-            f"refusing to unpickle {path}: it needs arbitrary code execution ({reason[:200]}); "
+            f"refusing to unpickle {path}: it needs arbitrary code execution{what}; "
             "convert it to safetensors in a trusted environment"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

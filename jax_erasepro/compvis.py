@@ -59,6 +59,8 @@ _UNET_FIXED = {
     "time_embedding_type": ("positional",),
     "resnet_time_scale_shift": ("default",),
     "only_cross_attention": (False,),
+    "dual_cross_attention": (False,),
+    "attention_type": ("default",),
     "mid_block_type": ("UNetMidBlock2DCrossAttn",),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
