@@ -105,7 +105,8 @@ class Schedule:
 
 @struct.dataclass
 class SchedulerState:
-    """Scan carry: PNDM's last three model outputs (oldest first) and first-step sample; a call counter."""
+    """Scan carry: PNDM's last three model outputs (oldest first), its first-step sample, and the number
+    of calls so far (PLMS's warm-up branches on it, as diffusers' ``counter``)."""
 
     ets: jax.Array | None
     cur_sample: jax.Array | None
@@ -141,7 +142,7 @@ def _descending_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
 def make_schedule(
     config: SchedulerConfig, kind: str | None, num_inference_steps: int, *, eta: float = 0.0
 ) -> Schedule:
-    """Timesteps and alphas of an ``num_inference_steps`` run; ``kind`` None takes the config's class.
+    """Timesteps and alphas of a ``num_inference_steps`` run; ``kind`` None takes the config's class.
 
     ``eta`` is DDIM's stochasticity (0: deterministic DDIM); other kinds require 0.
     """
@@ -232,7 +233,8 @@ def _pndm_step(
     t = jnp.where(second, schedule.timesteps[i] + schedule.step_ratio, schedule.timesteps[i])
     t_prev = jnp.where(second, schedule.timesteps[i], schedule.prev_timesteps[i])
     eps = _plms_output(c, model_output, state.ets)
-    ets = jnp.where(second, state.ets, jnp.concatenate([state.ets[1:], model_output[None]]))
+    appended = jnp.concatenate([state.ets[1:], model_output[None].astype(state.ets.dtype)])
+    ets = jnp.where(second, state.ets, appended)
     x = jnp.where(second, state.cur_sample, sample)
     a_t, a_prev = _alpha(schedule, t), _alpha(schedule, t_prev)
     b_t, b_prev = 1 - a_t, 1 - a_prev
@@ -241,7 +243,7 @@ def _pndm_step(
     sample_coeff = jnp.sqrt(a_prev / a_t)
     denom = a_t * jnp.sqrt(b_prev) + jnp.sqrt(a_t * b_t * a_prev)
     prev = sample_coeff * x - (a_prev - a_t) * eps / denom
-    cur_sample = jnp.where(c == 0, sample, state.cur_sample)
+    cur_sample = jnp.where(c == 0, sample.astype(state.cur_sample.dtype), state.cur_sample)
     return prev, SchedulerState(ets=ets, cur_sample=cur_sample, counter=c + 1)
 
 

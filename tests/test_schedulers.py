@@ -155,6 +155,15 @@ def test_loop_started_midway_matches_diffusers(kind):
     check_loop(kind, sd14_dict(), 10, start=4)
 
 
+@pytest.mark.parametrize("kind", ["pndm", "ddim", "ddpm"])
+def test_bfloat16_loop_keeps_dtype(kind):
+    """A low-precision sample keeps its dtype through the scan carry (float32 schedule arithmetic)."""
+    schedule = make_schedule(SchedulerConfig.from_dict(sd14_dict()), kind, 5)
+    x = jax.random.normal(jax.random.key(0), SHAPE, jnp.bfloat16)
+    xs = jax_loop(schedule, x, jax.random.split(jax.random.key(1), 6 if kind == "pndm" else 5))
+    assert xs.dtype == jnp.bfloat16 and bool(jnp.isfinite(xs).all())
+
+
 def test_add_noise_matches_diffusers():
     cfg = SchedulerConfig.from_dict(sd14_dict())
     rng = np.random.default_rng(1)
