@@ -116,14 +116,15 @@ def load_pretrained(
     unet_cfg = UNet2DConditionConfig.from_json(root / "unet" / "config.json")
     vae_cfg = AutoencoderKLConfig.from_json(root / "vae" / "config.json")
     sched_cfg = SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
-    rngs = nnx.Rngs(0)
     text_encoder, text_src = _load_component(
-        root, "text_encoder", lambda: CLIPTextModel(text_cfg, rngs=rngs), jdtype, variant
+        root, "text_encoder", lambda: CLIPTextModel(text_cfg, rngs=nnx.Rngs(0)), jdtype, variant
     )
     unet, unet_src = _load_component(
-        root, "unet", lambda: UNet2DConditionModel(unet_cfg, rngs=rngs), jdtype, variant
+        root, "unet", lambda: UNet2DConditionModel(unet_cfg, rngs=nnx.Rngs(0)), jdtype, variant
     )
-    vae, vae_src = _load_component(root, "vae", lambda: AutoencoderKL(vae_cfg, rngs=rngs), jdtype, variant)
+    vae, vae_src = _load_component(
+        root, "vae", lambda: AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0)), jdtype, variant
+    )
     return StableDiffusion(
         text_encoder=text_encoder,
         unet=unet,

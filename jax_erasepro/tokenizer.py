@@ -15,11 +15,13 @@ from transformers import CLIPTokenizer
 
 
 def load_tokenizer(path: str | Path) -> CLIPTokenizer:
-    """A CLIP tokenizer from a folder holding ``vocab.json`` and ``merges.txt`` (SD's ``tokenizer/``)."""
+    """A CLIP tokenizer from SD's ``tokenizer/`` folder: ``vocab.json`` + ``merges.txt`` (the files SD
+    ships), or the ``tokenizer.json`` that transformers 5 writes."""
     path = Path(path)
-    for name in ("vocab.json", "merges.txt"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"missing tokenizer file: {path / name}")
+    if not (path / "tokenizer.json").is_file():
+        for name in ("vocab.json", "merges.txt"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"missing tokenizer file: {path / name}")
     return CLIPTokenizer.from_pretrained(str(path))
 
 
