@@ -21,9 +21,10 @@ from jax import Array
 
 Precision = Literal["float32", "float64"]
 
-# Singular values below DEFAULT_RCOND * sigma_max are treated as zero. Measured on CLIP-like features
-# (tests/erase/test_solvers.py): float32 keeps relative residuals near 1e-6 up to condition ~1e4.
-DEFAULT_RCOND = 1e-5
+# Singular values below DEFAULT_RCOND * sigma_max count as zero, so a hard set has condition <= 1e4. Measured
+# on CLIP-like features (tests/erase/test_solvers.py), float32 then reaches relative residuals of ~1e-6 at
+# condition <= 1e3 and ~3e-5 at the cutoff; pass precision="float64" for tighter ones.
+DEFAULT_RCOND = 1e-4
 
 
 class RankDeficientError(ValueError):
@@ -81,14 +82,18 @@ def _compute_dtype(precision: Precision) -> jnp.dtype:
         return jnp.float32
     if precision == "float64":
         if not jax.config.jax_enable_x64:
-            raise ValueError("precision='float64' needs 64-bit JAX: call it inside `with jax.enable_x64(True):`")
+            raise ValueError(
+                "precision='float64' needs 64-bit JAX: call it inside `with jax.enable_x64(True):`"
+            )
         return jnp.float64
     raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
 
 
 def _check_shapes(w_o: Array, c: Array, t: Array | None = None) -> None:
     if c.ndim != 2 or w_o.ndim < 2 or w_o.shape[-1] != c.shape[0]:
-        raise ValueError(f"need W (..., d_out, d_in) and features (d_in, K); got W {w_o.shape}, features {c.shape}")
+        raise ValueError(
+            f"need W (..., d_out, d_in) and features (d_in, K); got W {w_o.shape}, features {c.shape}"
+        )
     if t is not None and (t.shape[-2:] != (w_o.shape[-2], c.shape[1])):
         raise ValueError(f"targets must be (..., d_out={w_o.shape[-2]}, K={c.shape[1]}), got {t.shape}")
 
@@ -139,7 +144,14 @@ def _select_hard(c: Array, hard: Array, priority: Array, tol: Array) -> Array:
 
 @partial(jax.jit, static_argnames=("precision",))
 def _constrained(
-    w_o: Array, c: Array, t: Array, hard: Array, priority: Array, preserved: Array, rcond: Array, precision: Precision
+    w_o: Array,
+    c: Array,
+    t: Array,
+    hard: Array,
+    priority: Array,
+    preserved: Array,
+    rcond: Array,
+    precision: Precision,
 ) -> tuple[Array, SolveReport]:
     dtype = _compute_dtype(precision)
     w0, c, t = w_o.astype(dtype), c.astype(dtype), t.astype(dtype)
@@ -149,7 +161,10 @@ def _constrained(
     # Hard part: D_h = R_h C_h^+, the minimal-norm D with D C_h = R_h; its rows lie in span(C_h).
     c_h = jnp.where(hard, c, 0)
     u, s, inv_s, vt, keep = _masked_svd(c_h, tol)
-    d_hard = ((jnp.where(hard, resid, 0) @ vt.T) * inv_s) @ u.T
+    r_hard = jnp.where(hard, resid, 0)
+    d_hard = ((r_hard @ vt.T) * inv_s) @ u.T
+    w_hard = w0 + d_hard  # one step of iterative refinement on the rounded weight: residual to its floor
+    d_hard = d_hard + (((r_hard - (w_hard - w0) @ c_h) @ vt.T) * inv_s) @ u.T
     # Soft part: D_s with rows orthogonal to span(C_h) (so D_s C_h = 0) fitting what is left of the soft
     # columns in least squares with minimal norm: D_s = (R_s - D_h C_s) B^+, B = (I - U U^T) C_s.
     u_kept = jnp.where(keep, u, 0)
@@ -193,8 +208,8 @@ def constrained_solve(
     ``w_o`` (..., d_out, d_in) and ``t`` (..., d_out, K) share one factorisation of ``c`` (d_in, K).
     ``hard`` (K,) bool (default all) asks for exact columns; they are admitted in decreasing ``priority``
     (K,) (default: column order) while ``||C_h^+||_F <= 1 / (rcond * sigma_max(c))`` (so cond(C_h) <=
-    1 / rcond); the rest become soft. Among the minimisers of the soft residual, W is the closest to W_o. ``strict`` raises
-    RankDeficientError when a requested hard column could not be held (needs concrete values, not jit).
+    1 / rcond); the rest become soft. Among the minimisers of the soft residual, W is the closest to W_o.
+    ``strict`` raises RankDeficientError when a requested hard column could not be held (host check).
     ``precision="float64"`` needs ``jax.enable_x64``; W is returned in ``w_o``'s dtype.
     """
     _check_shapes(w_o, c, t)
@@ -211,7 +226,9 @@ def constrained_solve(
 
 def _check_rank(requested: Array, report: SolveReport, rcond: float) -> None:
     if isinstance(report.rank, jax.core.Tracer):
-        raise ValueError("strict=True checks the rank on the host: call it outside jit/vmap or check report.rank")
+        raise ValueError(
+            "strict=True checks the rank on the host: call it outside jit/vmap or check report.rank"
+        )
     n, held, rank = int(jnp.sum(requested)), int(jnp.sum(report.hard)), int(report.rank)
     if held < n or rank < n:
         raise RankDeficientError(
@@ -232,7 +249,7 @@ def erasepro_solve(
     precision: Precision = "float32",
     strict: bool = False,
 ) -> tuple[Array, SolveReport]:
-    """ErasePro edit: W x_i = W_o y_i (target tokens map to their anchors), W p_j = W_o p_j, min ||W - W_o||_F.
+    """ErasePro edit: W x_i = W_o y_i (targets map to their anchors), W p_j = W_o p_j, min ||W - W_o||_F.
 
     Columns are C = [x, preserve]. ``hard`` (N,) marks the target columns to hold exactly (default all);
     preserved columns are always hard. ``priority`` (N + M,) orders admission when the rank runs out
@@ -297,7 +314,7 @@ def uce_solve(
     preserve_scale: float | None = None,
     precision: Precision = "float32",
 ) -> tuple[Array, UCEReport]:
-    """UCE: W = (lam W_o + s_e W_o Y X^T + s_p W_o P P^T)(lam I + s_e X X^T + s_p P P^T)^-1 (Gandikota et al.).
+    """UCE (Gandikota et al.) W = (lam W_o + s_e W_o Y X^T + s_p W_o P P^T)(lam I + s_e X X^T + s_p P P^T)^-1.
 
     Evaluated as the ridge solve W_o + R~ V diag(s / (s^2 + lam)) U^T from the SVD of the scaled features,
     which is exact for lam > 0, bounded by 1 / (2 sqrt(lam)) and never forms X X^T.

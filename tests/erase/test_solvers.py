@@ -1,4 +1,4 @@
-"""Property tests of the closed-form erasure solvers against float64 numpy references, on CLIP-like features."""
+"""Property tests of the closed-form erasure solvers against float64 numpy references (CLIP-like data)."""
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,9 @@ from tests.conftest import assert_close
 def clip_like(rng: np.random.Generator, d: int, n: int, decay: float = 0.05, mean: float = 8.0) -> np.ndarray:
     """Columns sharing a large mean direction plus a geometrically decaying spectrum (ill-conditioned)."""
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    return (mean * q[:, :1] + (q * np.exp(-decay * np.arange(d))) @ rng.standard_normal((d, n))).astype(np.float32)
+    return (mean * q[:, :1] + (q * np.exp(-decay * np.arange(d))) @ rng.standard_normal((d, n))).astype(
+        np.float32
+    )
 
 
 def weights(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -42,10 +44,12 @@ def kkt_reference(w_o, c, t, hard) -> np.ndarray:
     return w_o + sol[: c.shape[0]].T
 
 
-@pytest.mark.parametrize(("d_in", "n", "batch"), [(64, 2, (3,)), (64, 40, (2, 2)), (768, 100, (2,))])
-def test_full_rank_residual_and_reference(d_in, n, batch):
+@pytest.mark.parametrize(
+    ("d_in", "n", "decay", "batch"), [(64, 2, 0.05, (3,)), (64, 40, 0.05, (2, 2)), (768, 100, 0.03, (2,))]
+)
+def test_full_rank_residual_and_reference(d_in, n, decay, batch):
     rng = np.random.default_rng(d_in + n)
-    x, y = clip_like(rng, d_in, n), clip_like(rng, d_in, n)
+    x, y = clip_like(rng, d_in, n, decay), clip_like(rng, d_in, n, decay)
     w_o = weights(rng, *batch, 48, d_in)
     w, rep = erasepro_solve(jnp.asarray(w_o), jnp.asarray(x), jnp.asarray(y))
     res = rel_residual(w, x, f64(w_o)[0] @ f64(y)[0])
@@ -98,7 +102,11 @@ def test_overdetermined_hard_exact_soft_optimal(d_in):
     """More columns than d_in: hard columns exact, soft ones the float64 KKT optimum (W unique here)."""
     rng = np.random.default_rng(d_in)
     n, m = d_in + 8, 8
-    x, y, p = clip_like(rng, d_in, n, decay=0.02), clip_like(rng, d_in, n, decay=0.02), clip_like(rng, d_in, m)
+    x, y, p = (
+        clip_like(rng, d_in, n, decay=0.02),
+        clip_like(rng, d_in, n, decay=0.02),
+        clip_like(rng, d_in, m),
+    )
     w_o = weights(rng, 3, 24, d_in)
     hard_x = np.zeros(n, bool)
     hard_x[rng.choice(n, 10, replace=False)] = True  # "concept tokens and EOS"
@@ -107,7 +115,7 @@ def test_overdetermined_hard_exact_soft_optimal(d_in):
     assert np.asarray(rep.hard).tolist() == hard.tolist() and int(rep.rank) == hard.sum()
     c = np.concatenate([x, p], 1)
     t = f64(w_o)[0] @ f64(np.concatenate([y, p], 1))[0]
-    assert rel_residual(w[..., hard], c[:, hard], t[..., hard]).max() <= 1e-5
+    assert rel_residual(w, c[:, hard], t[..., hard]).max() <= 1e-5
     for b in range(w_o.shape[0]):
         ref = kkt_reference(w_o[b], c, t[b], hard)
         soft_ours = rel_residual(w[b], c[:, ~hard], t[b][:, ~hard])
@@ -125,15 +133,20 @@ def test_priority_admits_top_columns_until_rank_runs_out():
     t = weights(rng, 2, 16, k)
     w_o = weights(rng, 2, 16, d_in)
     priority = rng.permutation(k)
-    w, rep = constrained_solve(jnp.asarray(w_o), jnp.asarray(c), jnp.asarray(t), priority=jnp.asarray(priority))
+    w, rep = constrained_solve(
+        jnp.asarray(w_o), jnp.asarray(c), jnp.asarray(t), priority=jnp.asarray(priority)
+    )
     hard = np.asarray(rep.hard)
     assert hard.sum() == int(rep.rank) == d_in
     assert set(np.flatnonzero(hard)) == set(np.argsort(-priority)[:d_in])
     assert float(rep.residual_hard.max()) <= 1e-5
     for b in range(2):
         ref = kkt_reference(w_o[b], c, t[b], hard)
-        np.testing.assert_allclose(rel_residual(w[b], c[:, ~hard], t[b][:, ~hard]),
-                                   rel_residual(ref, c[:, ~hard], t[b][:, ~hard]), rtol=1e-4)
+        np.testing.assert_allclose(
+            rel_residual(w[b], c[:, ~hard], t[b][:, ~hard]),
+            rel_residual(ref, c[:, ~hard], t[b][:, ~hard]),
+            rtol=1e-4,
+        )
     with pytest.raises(RankDeficientError, match="hard columns have rank 24"):
         constrained_solve(jnp.asarray(w_o), jnp.asarray(c), jnp.asarray(t), strict=True)
 
@@ -144,9 +157,13 @@ def test_dependent_hard_column_becomes_soft_or_raises():
     x, y = clip_like(rng, d_in, n), clip_like(rng, d_in, n)
     x[:, 5] = 2 * x[:, 1] - x[:, 3]  # the hard set is rank deficient
     w_o = jnp.asarray(weights(rng, 16, d_in))
-    _, rep = erasepro_solve(w_o, jnp.asarray(x), jnp.asarray(y))
+    w, rep = erasepro_solve(w_o, jnp.asarray(x), jnp.asarray(y))
     assert np.asarray(rep.hard).tolist() == [True] * 5 + [False]
     assert float(rep.residual_hard) <= 1e-5 and float(rep.residual_soft) > 1e-2
+    d = np.float64(w) - np.float64(
+        w_o
+    )  # among the soft minimisers, the edit with rows in span(X) is smallest
+    assert np.linalg.norm(d - d @ x @ np.linalg.pinv(np.float64(x))) <= 1e-5 * np.linalg.norm(d)
     with pytest.raises(RankDeficientError):
         erasepro_solve(w_o, jnp.asarray(x), jnp.asarray(y), strict=True)
     erasepro_solve(w_o, jnp.asarray(x[:, :5]), jnp.asarray(y[:, :5]), strict=True)  # independent: no error
@@ -155,7 +172,7 @@ def test_dependent_hard_column_becomes_soft_or_raises():
 def test_float32_normal_equations_fail_where_svd_succeeds():
     rng = np.random.default_rng(5)
     d_in, n = 256, 60
-    x, y = clip_like(rng, d_in, n, decay=0.12), clip_like(rng, d_in, n, decay=0.12)
+    x, y = clip_like(rng, d_in, n, decay=0.08), clip_like(rng, d_in, n, decay=0.08)
     w_o = weights(rng, 32, d_in)
     s = np.linalg.svd(x.astype(np.float64), compute_uv=False)
     assert 1e3 < s[0] / s[-1] < 1e4  # cond(X^T X) > 1e6: beyond float32
@@ -180,7 +197,9 @@ def test_vmap_over_layers_and_jit():
         assert int(rep.rank[i]) == int(rep_i.rank) == n
     assert float(rep.residual_target.max()) <= 1e-5
     with pytest.raises(ValueError, match="strict=True"):
-        jax.jit(lambda *a: erasepro_solve(*a, strict=True))(jnp.asarray(w_o[0]), jnp.asarray(x[0]), jnp.asarray(y[0]))
+        jax.jit(lambda *a: erasepro_solve(*a, strict=True))(
+            jnp.asarray(w_o[0]), jnp.asarray(x[0]), jnp.asarray(y[0])
+        )
 
 
 def test_float64_precision():
@@ -191,8 +210,9 @@ def test_float64_precision():
     with jax.enable_x64(True):
         w, rep = erasepro_solve(*(jnp.asarray(a, jnp.float64) for a in (w_o, x, y)), precision="float64")
         w32, _ = erasepro_solve(jnp.asarray(w_o), jnp.asarray(x), jnp.asarray(y), precision="float64")
+        assert float(rep.residual_target) <= 1e-12
     assert w.dtype == jnp.float64 and w32.dtype == jnp.float32
-    assert rel_residual(w, x, f64(w_o)[0] @ f64(y)[0]) <= 1e-12 and float(rep.residual_target) <= 1e-12
+    assert rel_residual(w, x, f64(w_o)[0] @ f64(y)[0]) <= 1e-12
 
 
 def uce_reference(w_o, x, y, p, lam, s_e, s_p) -> np.ndarray:
@@ -204,8 +224,11 @@ def uce_reference(w_o, x, y, p, lam, s_e, s_p) -> np.ndarray:
 
 
 def uce_objective(w, w_o, x, y, p, lam, s_e, s_p):
-    return (lam * jnp.sum((w - w_o) ** 2) + s_e * jnp.sum((w @ x - w_o @ y) ** 2)
-            + s_p * jnp.sum((w @ p - w_o @ p) ** 2))
+    return (
+        lam * jnp.sum((w - w_o) ** 2)
+        + s_e * jnp.sum((w @ x - w_o @ y) ** 2)
+        + s_p * jnp.sum((w @ p - w_o @ p) ** 2)
+    )
 
 
 @pytest.mark.parametrize(("d_in", "n", "m"), [(64, 5, 20), (256, 100, 40), (32, 30, 60)])
@@ -218,22 +241,30 @@ def test_uce_matches_formula_and_minimises_objective(d_in, n, m):
     ref = uce_reference(w_o, x, y, p, lam, s_e, s_p)
     assert_close(w, ref, rel=1e-4)
     w64, w_o64, x64, y64, p64 = f64(w, w_o, x, y, p)
-    grad = 2 * (lam * (w64 - w_o64) + s_e * (w64 @ x64 - w_o64 @ y64) @ x64.T + s_p * (w64 @ p64 - w_o64 @ p64) @ p64.T)
+    grad = 2 * (
+        lam * (w64 - w_o64)
+        + s_e * (w64 @ x64 - w_o64 @ y64) @ x64.T
+        + s_p * (w64 @ p64 - w_o64 @ p64) @ p64.T
+    )
     scale = 2 * s_e * np.abs(w_o64 @ y64 @ x64.T).max()
     assert np.abs(grad).max() <= 1e-5 * scale
     objective = [float(uce_objective(ref[b], w_o64[b], x64, y64, p64, lam, s_e, s_p)) for b in range(2)]
     np.testing.assert_allclose(rep.objective, objective, rtol=1e-4)
-    # A few hundred Adam steps from W* (any step size it tries) do not find a lower objective.
+    # A few hundred Adam steps from W* never reach a lower objective.
     args = tuple(jnp.asarray(a) for a in (w_o[0], x, y, p))
-    loss = jax.jit(lambda v: uce_objective(v, *args, lam, s_e, s_p))
     opt = optax.adam(1e-3)
-    params, state = w[0], opt.init(w[0])
-    best = np.inf
-    for _ in range(200):
+
+    def loss(v):
+        return uce_objective(v, *args, lam, s_e, s_p)
+
+    def step(carry, _):
+        params, state = carry
         updates, state = opt.update(jax.grad(loss)(params), state)
         params = optax.apply_updates(params, updates)
-        best = min(best, float(loss(params)))
-    assert best >= objective[0] * (1 - 1e-5)
+        return (params, state), loss(params)
+
+    _, losses = jax.jit(lambda w0: jax.lax.scan(step, (w0, opt.init(w0)), length=300))(w[0])
+    assert float(losses.min()) >= objective[0] * (1 - 1e-5)
 
 
 def test_uce_without_preservation_and_checks():
