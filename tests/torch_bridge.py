@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +44,37 @@ def torch_pipeline(sd: StableDiffusion) -> StableDiffusionPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+
+def sd_from_torch(pipe: StableDiffusionPipeline) -> StableDiffusion:
+    """Our StableDiffusion holding exactly a diffusers pipeline's weights, configs as saved on disk."""
+    from flax import nnx
+
+    from jax_erasepro.models import clip, unet, vae
+    from jax_erasepro.pipeline import SDConfig
+    from jax_erasepro.schedulers import SchedulerConfig
+    from jax_erasepro.tokenizer import load_tokenizer
+    from jax_erasepro.weights import load_state_dict
+
+    def convert(cls, cfg_cls, cfg: dict, module: torch.nn.Module):
+        config = cfg_cls.from_dict(cfg)
+        state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+        model = load_state_dict(
+            nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))), state, ignore=lambda k: "position_ids" in k
+        )
+        return model, config
+
+    te, te_cfg = convert(
+        clip.CLIPTextModel, clip.CLIPTextConfig, json.loads(pipe.text_encoder.config.to_json_string()),
+        pipe.text_encoder,
+    )
+    un, un_cfg = convert(
+        unet.UNet2DConditionModel, unet.UNet2DConditionConfig, dict(pipe.unet.config), pipe.unet
+    )
+    va, va_cfg = convert(vae.AutoencoderKL, vae.AutoencoderKLConfig, dict(pipe.vae.config), pipe.vae)
+    return StableDiffusion(
+        text_encoder=te, unet=un, vae=va, tokenizer=load_tokenizer(TOKENIZER),
+        scheduler_config=SchedulerConfig.from_dict(dict(pipe.scheduler.config)),
+        config=SDConfig(text_encoder=te_cfg, unet=un_cfg, vae=va_cfg, model_index={}),
+    )
