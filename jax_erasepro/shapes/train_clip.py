@@ -1,0 +1,232 @@
+"""Contrastive CLIP training on the shapes world: shapes-sd's text encoder, and the judge shapes-clip.
+
+Both are the same small CLIP trained from scratch with symmetric InfoNCE on fresh renders; they differ
+in seed (initialisation and data order). ``export`` writes a folder ``transformers.CLIPModel`` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from safetensors.numpy import save_file
+from transformers import CLIPTokenizer
+
+from jax_erasepro.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from jax_erasepro.shapes.render import make_batch, make_scenes, render
+from jax_erasepro.shapes.world import Scene, Split, judge_prompts
+from jax_erasepro.tokenizer import load_tokenizer, tokenize
+from jax_erasepro.training import TrainConfig, train
+from jax_erasepro.weights import num_params, to_state_dict
+
+TOKENIZER_DIR = Path(__file__).parents[1] / "assets" / "clip_tokenizer"
+# Training captions are at most ~32 tokens. The text tower is causal, so the EOS features do not
+# depend on the padding after it: training on 40 tokens gives the same model as on 77, faster.
+TRAIN_TOKENS = 40
+# OpenAI CLIP's pixel normalisation, so that transformers' CLIPImageProcessor preprocesses for us.
+PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+ATTRIBUTES = ("shape", "colour", "style", "character")
+
+
+def clip_config(size: str = "small") -> CLIPConfig:
+    """The CLIP for 64 px shapes scenes (``small``, ~8.4M params, 6 text layers) or a ``tiny`` one for tests.
+
+    The 49408 x d token embedding holds most of the weights, so d stays small: shapes-sd and the judge
+    together must fit in 60 MB.
+    """
+    d, text_layers, vision_layers, heads = {"small": (128, 6, 4, 4), "tiny": (32, 2, 2, 2)}[size]
+    text = CLIPTextConfig(
+        hidden_size=d, intermediate_size=4 * d, num_hidden_layers=text_layers, num_attention_heads=heads
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=d, intermediate_size=4 * d, num_hidden_layers=vision_layers, num_attention_heads=heads,
+        image_size=64, patch_size=8,
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=d)
+
+
+def train_config(out: str | Path, steps: int = 20_000, seed: int = 0) -> TrainConfig:
+    """The recipe. shapes-sd's text encoder is seed 0, the judge shapes-clip seed 1 (nothing else differs):
+
+    python -m jax_erasepro.shapes.train_clip --out runs/shapes-clip-text --steps 20000 --seed 0
+    python -m jax_erasepro.shapes.train_clip --out runs/shapes-clip-judge --steps 20000 --seed 1
+    """
+    return TrainConfig(
+        steps=steps, batch_size=128, lr=1e-3, warmup_steps=min(500, steps // 10), end_lr_ratio=0.05,
+        weight_decay=0.1, grad_clip=1.0, seed=seed, log_every=50, ckpt_every=250,
+        ckpt_dir=str(Path(out) / "ckpt"),
+    )
+
+
+def pixels(images: np.ndarray | jax.Array) -> jax.Array:
+    """uint8 (B, H, W, 3) images -> float32 NHWC CLIP inputs, normalised as CLIPImageProcessor does."""
+    x = jnp.asarray(images, jnp.float32) / 255.0
+    return (x - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
+
+
+def clip_batches(
+    tokenizer: CLIPTokenizer, batch_size: int, seed: int
+) -> Callable[[int], dict[str, np.ndarray]]:
+    """step -> a fresh batch of train-split renders and their token ids; other seeds see other data."""
+
+    def batch(step: int) -> dict[str, np.ndarray]:
+        images, captions, _ = make_batch(seed * 1_000_000 + step, batch_size, "train")
+        return {"images": images, "input_ids": tokenize(tokenizer, captions, max_length=TRAIN_TOKENS)}
+
+    return batch
+
+
+def contrastive_loss(
+    model: CLIPModel, batch: dict[str, jax.Array], key: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Symmetric InfoNCE; a caption repeated in the batch counts each of its images as a positive."""
+    ids = batch["input_ids"]
+    t = model.get_text_features(ids)
+    i = model.get_image_features(pixels(batch["images"]))
+    t = t / jnp.linalg.norm(t, axis=-1, keepdims=True)
+    i = i / jnp.linalg.norm(i, axis=-1, keepdims=True)
+    scale = jnp.exp(jnp.minimum(model.logit_scale[...], jnp.log(100.0)))  # CLIP's clamp
+    logits = scale * t @ i.T  # (text, image)
+    same = jnp.all(ids[:, None] == ids[None, :], axis=-1).astype(jnp.float32)
+    targets = same / same.sum(-1, keepdims=True)  # symmetric, so it serves both directions
+    xent = optax.softmax_cross_entropy
+    loss = 0.5 * (xent(logits, targets).mean() + xent(logits.T, targets).mean())
+    accuracy = jnp.mean(jnp.take_along_axis(same, jnp.argmax(logits.T, -1)[:, None], 1))  # image -> text
+    return loss, {"accuracy": accuracy, "scale": scale}
+
+
+def export(model: CLIPModel, out: str | Path, dtype: np.dtype = np.float32) -> Path:
+    """Write a folder ``transformers.CLIPModel``/``CLIPProcessor.from_pretrained`` load: config, weights,
+    tokenizer and image processor."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg["text_config"] |= {"model_type": "clip_text_model", "bos_token_id": 49406, "pad_token_id": 49407}
+    cfg["vision_config"] |= {"model_type": "clip_vision_model"}
+    cfg |= {"architectures": ["CLIPModel"], "model_type": "clip", "dtype": np.dtype(dtype).name}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file(to_state_dict(model, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in TOKENIZER_DIR.iterdir():
+        shutil.copy(f, out / f.name)
+    size = model.config.vision_config.image_size
+    processor = {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(PIXEL_MEAN), "image_std": list(PIXEL_STD), "do_convert_rgb": True,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    return out
+
+
+def image_label(scene: Scene, attribute: str) -> str:
+    """The judge class a one-object scene belongs to: its shape, colour, painter or character (or "none")."""
+    obj = scene.objects[0]
+    stripes = "stripes" if obj.has_stripes else "plain"
+    return {
+        "shape": obj.shape,
+        "colour": obj.colour,
+        "style": scene.style or "none",
+        "character": obj.character or "none",
+        "background": scene.background,
+        "stripes": stripes,
+        "implicit": stripes,
+    }[attribute]
+
+
+def single_object_scenes(seed: int, n: int, split: Split = "test") -> list[Scene]:
+    """The first n one-object scenes of the world's stream ``seed``: their judge labels are unambiguous."""
+    scenes = [s for s in make_scenes(seed, 3 * n, split)[0] if len(s.objects) == 1]
+    if len(scenes) < n:
+        raise ValueError(f"only {len(scenes)} one-object scenes among {3 * n}")
+    return scenes[:n]
+
+
+@nnx.jit
+def _image_features(model: CLIPModel, images: jax.Array) -> jax.Array:
+    f = model.get_image_features(pixels(images))
+    return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+
+
+@nnx.jit
+def _text_features(model: CLIPModel, ids: jax.Array) -> jax.Array:
+    f = model.get_text_features(ids)
+    return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+
+
+def zero_shot_predict(
+    model: CLIPModel, tokenizer: CLIPTokenizer, attribute: str, images: np.ndarray, chunk: int = 250
+) -> list[str]:
+    """Classify uint8 (n, 64, 64, 3) images by ``attribute`` against the world's judge prompts."""
+    prompts = judge_prompts(attribute)
+    text = _text_features(model, tokenize(tokenizer, list(prompts.values()), on_overflow="error"))
+    chunks = [images[k : k + chunk] for k in range(0, len(images), chunk)]
+    sims = np.concatenate([np.asarray(_image_features(model, c) @ text.T) for c in chunks])
+    names = list(prompts)
+    return [names[j] for j in sims.argmax(-1)]
+
+
+def zero_shot_accuracy(
+    model: CLIPModel,
+    tokenizer: CLIPTokenizer,
+    attribute: str,
+    n: int = 1000,
+    seed: int = 0,
+    split: Split = "test",
+) -> float:
+    """Zero-shot accuracy on ``attribute`` over n fresh one-object renders (the judge's quality bar)."""
+    scenes = single_object_scenes(seed, n, split)
+    images = np.stack([render(s) for s in scenes])
+    predicted = zero_shot_predict(model, tokenizer, attribute, images)
+    return float(np.mean([p == image_label(s, attribute) for p, s in zip(predicted, scenes, strict=True)]))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: train (or resume) one shapes CLIP, export it to --out and print its zero-shot accuracies."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", required=True, help="run folder: checkpoints in OUT/ckpt, export in OUT")
+    parser.add_argument("--steps", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue the run OUT/ckpt holds")
+    parser.add_argument("--size", choices=("small", "tiny"), default="small")
+    parser.add_argument("--batch-size", type=int, help="override the recipe's 128")
+    parser.add_argument("--eval-n", type=int, default=2000, help="renders per zero-shot accuracy")
+    args = parser.parse_args(argv)
+
+    config = train_config(args.out, args.steps, args.seed)
+    if args.batch_size:
+        config = dataclasses.replace(config, batch_size=args.batch_size)
+    ckpt = Path(config.ckpt_dir)
+    if ckpt.exists() and any(ckpt.iterdir()) and not args.resume:
+        parser.error(f"{ckpt} already holds a run: pass --resume to continue it, or choose another --out")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    model = CLIPModel(clip_config(args.size), rngs=nnx.Rngs(args.seed))
+    print(f"CLIP {args.size}: {num_params(model) / 1e6:.2f}M params; {config}")
+    batches = clip_batches(tokenizer, config.batch_size, args.seed)
+    with open(Path(args.out) / "log.jsonl", "a") as log:
+        train(model, contrastive_loss, batches, config, on_log=functools.partial(_log_line, log))
+    export(model, args.out)
+    scores = {a: zero_shot_accuracy(model, tokenizer, a, args.eval_n) for a in ATTRIBUTES}
+    (Path(args.out) / "zero_shot.json").write_text(json.dumps(scores, indent=2) + "\n")
+    print("zero-shot accuracy on fresh test renders:", json.dumps(scores))
+
+
+def _log_line(log, step: int, metrics: dict[str, float]) -> None:
+    log.write(json.dumps({"step": step, **metrics}) + "\n")
+    log.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Shapes CLIP training: a tiny run end to end, its transformers export, and the CLI's run folder."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import CLIPImageProcessor, CLIPTokenizer
+from transformers import CLIPModel as TorchCLIPModel
+
+from jax_erasepro.models.clip import CLIPConfig, CLIPModel
+from jax_erasepro.shapes import judge_prompts, make_batch
+from jax_erasepro.shapes import train_clip as tc
+from jax_erasepro.tokenizer import load_tokenizer, tokenize
+from jax_erasepro.training import TrainConfig, train
+from jax_erasepro.weights import num_params
+from tests.conftest import assert_close
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(tc.TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer):
+    """A tiny CLIP after a few contrastive steps on the world (so its weights are no longer the init)."""
+    model = CLIPModel(tc.clip_config("tiny"), rngs=nnx.Rngs(0))
+    logs = []
+    cfg = TrainConfig(steps=4, batch_size=8, lr=1e-3, log_every=1)
+    batches = tc.clip_batches(tokenizer, 8, 0)
+    train(model, tc.contrastive_loss, batches, cfg, on_log=lambda s, m: logs.append(m))
+    assert all(np.isfinite(m["loss"]) and 0 <= m["accuracy"] <= 1 for m in logs)
+    return model
+
+
+def test_small_config_fits_the_budget():
+    cfg = tc.clip_config("small")
+    assert cfg.text_config.num_hidden_layers >= 6 and cfg.text_config.vocab_size == 49408
+    model = nnx.eval_shape(lambda: CLIPModel(cfg, rngs=nnx.Rngs(0)))
+    # the judge plus shapes-sd's text encoder (this text tower) in fp16 leave >= 25 of 60 MB to UNet and VAE
+    assert 2 * (num_params(model) + num_params(model.text_model)) <= 35e6
+
+
+def test_training_length_does_not_change_text_features(trained, tokenizer):
+    prompts = ["a picture of a big striped red star on the left, in the style of Ilse Varnhold", "zorbly"]
+    full = trained.get_text_features(tokenize(tokenizer, prompts))
+    short = trained.get_text_features(tokenize(tokenizer, prompts, max_length=tc.TRAIN_TOKENS))
+    np.testing.assert_allclose(np.asarray(short), np.asarray(full), atol=1e-5)
+
+
+def test_loss_counts_repeated_captions_as_positives(trained):
+    images, _, _ = make_batch(0, 4)
+    ids = tokenize(load_tokenizer(tc.TOKENIZER_DIR), ["a red star"] * 2 + ["a blue circle", "zorbly"])
+    loss, _ = tc.contrastive_loss(trained, {"images": images, "input_ids": ids}, None)
+    # swapping the two images that share a caption cannot change the loss
+    swapped, _ = tc.contrastive_loss(trained, {"images": images[[1, 0, 2, 3]], "input_ids": ids}, None)
+    np.testing.assert_allclose(float(loss), float(swapped), rtol=1e-6)
+
+
+def test_export_loads_in_transformers(trained, tokenizer, tmp_path):
+    tc.export(trained, tmp_path)
+    assert CLIPConfig.from_json(tmp_path / "config.json") == trained.config  # our own loader reads it back
+    reference = TorchCLIPModel.from_pretrained(str(tmp_path)).eval()
+    images, captions, _ = make_batch(3, 4, "test")
+    ids = tokenize(tokenizer, captions + list(judge_prompts("style").values()))
+    pixels = tc.pixels(images)
+    nchw = torch.from_numpy(np.array(pixels).transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        text = reference.get_text_features(input_ids=torch.from_numpy(np.asarray(ids, np.int64)))
+        image = reference.get_image_features(pixel_values=nchw)
+    assert_close(trained.get_text_features(jnp.asarray(ids)), text.pooler_output.numpy())
+    assert_close(trained.get_image_features(pixels), image.pooler_output.numpy())
+
+    # the folder's tokenizer and image processor reproduce our preprocessing
+    exported = CLIPTokenizer.from_pretrained(str(tmp_path))
+    assert exported(captions)["input_ids"] == tokenizer(captions)["input_ids"]
+    processed = CLIPImageProcessor.from_pretrained(str(tmp_path))(list(images), return_tensors="np")
+    np.testing.assert_allclose(processed["pixel_values"].transpose(0, 2, 3, 1), np.asarray(pixels), atol=1e-5)
+
+
+def test_zero_shot_scores_one_object_scenes(trained, tokenizer):
+    scenes = tc.single_object_scenes(seed=0, n=12)
+    assert len(scenes) == 12 and all(len(s.objects) == 1 for s in scenes)
+    for attribute in tc.ATTRIBUTES:
+        classes = set(judge_prompts(attribute))
+        assert {tc.image_label(s, attribute) for s in scenes} <= classes
+        accuracy = tc.zero_shot_accuracy(trained, tokenizer, attribute, n=12)
+        assert accuracy in {k / 12 for k in range(13)}
+
+
+def test_cli_trains_resumes_and_exports(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--steps", "2", "--size", "tiny", "--batch-size", "4", "--eval-n", "10"]
+    tc.main(args)
+    assert {"config.json", "model.safetensors", "vocab.json", "zero_shot.json", "log.jsonl"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    scores = json.loads((tmp_path / "zero_shot.json").read_text())
+    assert set(scores) == set(tc.ATTRIBUTES) and all(0 <= v <= 1 for v in scores.values())
+    with pytest.raises(SystemExit):  # an existing run is only continued on request
+        tc.main(args)
+    assert "--resume" in capsys.readouterr().err
+    tc.main([*args[:3], "3", *args[4:], "--resume"])
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [2, 3]
