@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jax_erasepro import schedulers
+from jax_erasepro import schedulers, sharding
 from jax_erasepro.models.clip import CLIPTextConfig, CLIPTextModel
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -81,7 +83,7 @@ def encode_prompts(sd: StableDiffusion, prompts: Sequence[str] | str) -> jax.Arr
     return encode_tokens(sd.text_encoder, ids)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 6))
+@functools.partial(jax.jit, static_argnums=(0, 1, 6, 11))
 def _sample(
     unet_def: nnx.GraphDef,
     vae_def: nnx.GraphDef,
@@ -94,26 +96,39 @@ def _sample(
     guidance_scale: jax.Array,
     key: jax.Array,
     scaling_factor: jax.Array,
+    batch_sharding: NamedSharding | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Denoise ``latents`` (NHWC) with one lax.scan over the schedule, then decode to images in [0, 1]."""
-    unet = nnx.merge(unet_def, unet_params)
+    """Denoise ``latents`` (NHWC) with one lax.scan over the schedule, then decode to images in [0, 1].
+
+    On a mesh (``batch_sharding``) the latents stay split by batch and sharded weights are gathered whole
+    where used (FSDP); left alone, XLA splits activations by channel, with all-reduces in every norm.
+    """
+
+    def whole(tree: Any) -> Any:
+        if batch_sharding is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, NamedSharding(batch_sharding.mesh, PartitionSpec()))
+
+    def split(x: jax.Array) -> jax.Array:
+        return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
 
     def body(carry, i):
         x, state, key = carry
-        t = schedule.timesteps[i]
-        if guided:
-            eps_u, eps_c = jnp.split(unet(jnp.concatenate([x, x]), t, context), 2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        x, t, unet = split(x), schedule.timesteps[i], nnx.merge(unet_def, whole(unet_params))
+        if guided:  # rows interleaved (uncond_0, cond_0, uncond_1, ...): a batch shard keeps its pairs local
+            eps = unet(jnp.repeat(x, 2, axis=0), t, context).reshape(x.shape[0], 2, *x.shape[1:])
+            eps = eps[:, 0] + guidance_scale * (eps[:, 1] - eps[:, 0])
         else:
             eps = unet(x, t, context)
         key, sub = jax.random.split(key)
         x, state = schedulers.step(schedule, state, i, eps, x, sub)
         return (x, state, key), None
 
+    context = split(context)
     state = schedulers.init_state(schedule, latents.shape, latents.dtype)
     n = schedule.timesteps.shape[0]
     (latents, _, _), _ = jax.lax.scan(body, (latents, state, key), jnp.arange(n))
-    images = nnx.merge(vae_def, vae_params).decode(latents / scaling_factor)
+    images = nnx.merge(vae_def, whole(vae_params)).decode(split(latents) / scaling_factor)
     return latents, jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 
 
@@ -142,12 +157,16 @@ def generate(
     latents: np.ndarray | jax.Array | None = None,
     negative_prompt: Sequence[str] | str | None = None,
     return_latents: bool = False,
+    mesh: Mesh | None = None,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Text-to-image sampling -> uint8 (B, H, W, 3).
 
     ``latents`` takes (B, C, h, w) initial noise in diffusers' NCHW layout, so a run can be matched step
     for step against diffusers. Guidance follows diffusers: on when ``guidance_scale > 1``, with the
-    unconditional batch built from ``negative_prompt`` (default "").
+    unconditional batch built from ``negative_prompt`` (default ""). With a ``mesh`` the prompts are split
+    over its batch axes (padded to a multiple, padding dropped after) and params placed by ``rules``; every
+    host passes the same prompts and gets every image.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     batch = len(prompts)
@@ -163,8 +182,11 @@ def generate(
         want = (batch, height // f, width // f, sd.config.unet.in_channels)
         if x.shape != want:
             raise ValueError(f"latents have shape {tuple(np.shape(latents))}, expected NCHW {want}")
+    pad = 0 if mesh is None else -batch % sharding.batch_size_multiple(mesh, rules)
+    if pad:  # padded rows: "" prompts and zero latents, dropped after sampling
+        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+    texts = prompts + [""] * pad
     guided = guidance_scale > 1.0
-    context = encode_prompts(sd, prompts)
     if guided:
         if negative_prompt is None:
             negative_prompt = [""] * batch
@@ -172,10 +194,18 @@ def generate(
             negative_prompt = [negative_prompt] * batch
         if len(negative_prompt) != batch:
             raise ValueError(f"{len(negative_prompt)} negative prompts for {batch} prompts")
-        context = jnp.concatenate([encode_prompts(sd, negative_prompt), context])
-    schedule = schedulers.make_schedule(sd.scheduler_config, scheduler, num_inference_steps)
+        # interleaved (uncond_0, cond_0, uncond_1, ...), the row order _sample's guidance expects
+        texts = [t for pair in zip([*negative_prompt, *[""] * pad], texts, strict=True) for t in pair]
+    ids = tokenize(sd.tokenizer, texts, max_length=sd.config.text_encoder.max_position_embeddings)
+    text_def, text_params = nnx.split(sd.text_encoder)
     unet_def, unet_params = nnx.split(sd.unet)
     vae_def, vae_params = nnx.split(sd.vae)
+    if mesh is not None:
+        ids, x = sharding.global_batch((ids, x), mesh, rules)
+        params = sharding.place((text_params, unet_params, vae_params), mesh, rules)
+        text_params, unet_params, vae_params = params
+    context = _encode(text_def, text_params, jnp.asarray(ids, jnp.int32))
+    schedule = schedulers.make_schedule(sd.scheduler_config, scheduler, num_inference_steps)
     out_latents, images = _sample(
         unet_def,
         vae_def,
@@ -188,7 +218,11 @@ def generate(
         jnp.float32(guidance_scale),
         jax.random.key(seed + 1),
         jnp.float32(sd.config.vae.scaling_factor),
+        None if mesh is None else sharding.batch_sharding(mesh, rules),
     )
+    if mesh is not None:  # global arrays -> every image on every host, padding dropped
+        gathered = multihost_utils.process_allgather((out_latents, images), tiled=True)
+        out_latents, images = (a[:batch] for a in gathered)
     images = to_uint8(images)
     if return_latents:
         return images, np.asarray(jnp.transpose(out_latents, (0, 3, 1, 2)))
