@@ -1,10 +1,15 @@
-"""The ``jax-erasepro`` command line: generate (and, as methods land, erase and report)."""
+"""The ``jax-erasepro`` command line: ``erase``, ``generate`` and ``report``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from jax_erasepro.pipeline import StableDiffusion
 
@@ -41,6 +46,91 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({len(images)} images)")
 
 
+def _read_pairs(args: argparse.Namespace) -> tuple[list[str], list[str], list[str], dict]:
+    """Targets, anchors and preserved concepts from flags or a YAML file (``pairs: [{target, anchor}]``)."""
+    targets, anchors, preserve = list(args.target or []), list(args.anchor or []), list(args.preserve or [])
+    extra: dict = {}
+    if args.config:
+        import yaml
+
+        cfg = yaml.safe_load(Path(args.config).read_text()) or {}
+        for pair in cfg.pop("pairs", []):
+            targets.append(pair["target"])
+            anchors.append(pair.get("anchor", ""))
+        preserve += cfg.pop("preserve", [])
+        extra = cfg
+    if len(anchors) == 1 and len(targets) > 1:
+        anchors *= len(targets)
+    if not targets:
+        raise ValueError("no target concept: give --target or a --config with pairs")
+    if len(anchors) != len(targets):
+        raise ValueError(f"{len(targets)} targets but {len(anchors)} anchors")
+    return targets, anchors, preserve, extra
+
+
+def cmd_erase(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from jax_erasepro.erase import erase
+    from jax_erasepro.images import save_grid
+    from jax_erasepro.pipeline import generate
+    from jax_erasepro.saving import save_pretrained
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output folder exists and is not empty: {out}")
+    targets, anchors, preserve, extra = _read_pairs(args)
+    method = extra.pop("method", args.method)
+    prompts = extra.pop("prompts", None)
+    steps = tqdm(total=5, desc="erase", unit="stage")
+    sd = load_model(args.model)
+    steps.update()
+    shown = targets[:4] + preserve[:2]
+    grid_prompts = [p for c in shown for p in (f"a picture of {c}", f"{c}")][: 2 * len(shown)]
+    kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    before = generate(sd, grid_prompts, **kw)
+    steps.update()
+    erased, report = erase(sd, targets, anchors, method=method, preserve=preserve, prompts=prompts, **extra)
+    steps.update()
+    after = generate(erased, grid_prompts, **kw)
+    steps.update()
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        save_pretrained(erased, tmp / "model")
+        report.to_json(tmp / "report.json")
+        report.plot(tmp / "report.png")
+        pairs = np.stack([before, after], axis=1).reshape(-1, *before.shape[1:])
+        save_grid(pairs, tmp / "before_after.png", nrow=2, scale=args.scale, row_labels=grid_prompts)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    steps.update()
+    steps.close()
+    print(f"wrote {out}/: model/, report.json, report.png, before_after.png (left: before, right: after)")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    path = Path(args.path)
+    path = path / "report.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no report at {path}")
+    data = json.loads(path.read_text())
+    print(f"method: {data.get('method')}  targets: {data.get('targets')}  anchors: {data.get('anchors')}")
+    print(f"{'edited weight':72} {'residual before':>15} {'after':>10} {'rel change':>10}")
+    for layer in data.get("layers", []):
+        print(
+            f"{layer['key']:72} {layer['residual_before']:15.3e} {layer['residual_after']:10.3e}"
+            f" {layer['relative_change']:10.3e}"
+        )
+    for note in data.get("notes", []):
+        print(f"note: {note}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jax-erasepro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", choices=("pndm", "ddim", "ddpm"), default="pndm")
     gen.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG")
     gen.set_defaults(func=cmd_generate)
+
+    er = sub.add_parser("erase", help="erase concepts; writes the model, report and before/after grid")
+    er.add_argument("--target", action="append", help="concept to erase (repeat for several)")
+    er.add_argument("--anchor", action="append", help="what each target becomes (one for all, or one each)")
+    er.add_argument("--preserve", action="append", help="concept to keep exactly where it was (repeatable)")
+    er.add_argument("--method", default="erasepro", help="erasepro, erasepro-implicit, uce")
+    er.add_argument("--config", help="YAML: pairs [{target, anchor}], preserve, method, prompts, options")
+    er.add_argument("--model", default=None, help="diffusers folder (default: the embedded model)")
+    er.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    er.add_argument("--seed", type=int, default=0)
+    er.add_argument("--steps", type=int, default=50)
+    er.add_argument("--guidance", type=float, default=7.5)
+    er.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG grid")
+    er.set_defaults(func=cmd_erase)
+
+    rep = sub.add_parser("report", help="print an erasure report (a report.json or the folder holding it)")
+    rep.add_argument("path")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 
