@@ -142,7 +142,7 @@ def _select_hard(c: Array, hard: Array, priority: Array, tol: Array) -> Array:
     return kept
 
 
-@partial(jax.jit, static_argnames=("precision",))
+@partial(jax.jit, static_argnames=("precision", "candidates"))
 def _constrained(
     w_o: Array,
     c: Array,
@@ -152,11 +152,18 @@ def _constrained(
     preserved: Array,
     rcond: Array,
     precision: Precision,
+    candidates: int | None = None,
 ) -> tuple[Array, SolveReport]:
     dtype = _compute_dtype(precision)
     w0, c, t = w_o.astype(dtype), c.astype(dtype), t.astype(dtype)
-    tol = rcond * jnp.linalg.svd(c, compute_uv=False)[0]
-    hard = _select_hard(c, hard, priority, tol)
+    if candidates is None:
+        tol = rcond * jnp.linalg.svd(c, compute_uv=False)[0]
+        hard = _select_hard(c, hard, priority, tol)
+    else:  # only the first `candidates` columns can be hard: the admission scan runs over them alone
+        c_c = c[:, :candidates]
+        tol = rcond * jnp.linalg.svd(c_c, compute_uv=False)[0]
+        held = _select_hard(c_c, hard[:candidates], priority[:candidates], tol)
+        hard = jnp.concatenate([held, jnp.zeros(c.shape[1] - candidates, bool)])
     resid = t - w0 @ c  # (..., d_out, K): what the edit D = W - W_o must add on each column
     # Hard part: D_h = R_h C_h^+, the minimal-norm D with D C_h = R_h; its rows lie in span(C_h).
     c_h = jnp.where(hard, c, 0)
@@ -202,6 +209,7 @@ def constrained_solve(
     rcond: float = DEFAULT_RCOND,
     precision: Precision = "float32",
     strict: bool = False,
+    candidates: int | None = None,
 ) -> tuple[Array, SolveReport]:
     """Minimal ||W - W_o||_F with W c_k = t_k exactly on hard columns and least squares on the others.
 
@@ -211,6 +219,8 @@ def constrained_solve(
     1 / rcond); the rest become soft. Among the minimisers of the soft residual, W is the closest to W_o.
     ``strict`` raises RankDeficientError when a requested hard column could not be held (host check).
     ``precision="float64"`` needs ``jax.enable_x64``; W is returned in ``w_o``'s dtype.
+    ``candidates`` (static) lets only the first that many columns be hard, with sigma_max taken over them:
+    the admission scan costs O(K^2) per column, so callers with many soft columns bound it this way.
     """
     _check_shapes(w_o, c, t)
     _compute_dtype(precision)
@@ -218,7 +228,9 @@ def constrained_solve(
     requested = jnp.ones(k, bool) if hard is None else jnp.asarray(hard, bool)
     priority = jnp.arange(k, 0, -1) if priority is None else jnp.asarray(priority)
     preserved = jnp.zeros(k, bool) if preserved is None else jnp.asarray(preserved, bool)
-    w, report = _constrained(w_o, c, t, requested, priority, preserved, rcond, precision)
+    if candidates is not None and not 1 <= candidates <= k:
+        raise ValueError(f"candidates must be in [1, {k}], got {candidates}")
+    w, report = _constrained(w_o, c, t, requested, priority, preserved, rcond, precision, candidates)
     if strict:
         _check_rank(requested, report, rcond)
     return w, report
@@ -248,6 +260,7 @@ def erasepro_solve(
     rcond: float = DEFAULT_RCOND,
     precision: Precision = "float32",
     strict: bool = False,
+    candidates: int | None = None,
 ) -> tuple[Array, SolveReport]:
     """ErasePro edit: W x_i = W_o y_i (targets map to their anchors), W p_j = W_o p_j, min ||W - W_o||_F.
 
@@ -275,6 +288,7 @@ def erasepro_solve(
         rcond=rcond,
         precision=precision,
         strict=strict,
+        candidates=candidates,
     )
 
 

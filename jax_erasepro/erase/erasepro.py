@@ -1,0 +1,352 @@
+"""ErasePro (Algorithms 1 and 2): progressive hard-constrained edits of CLIP q/k/v, then U-Net to_k/to_v.
+
+Anchor features come from the ORIGINAL text encoder, run once. The target (and preserved) prompts then go
+through the text encoder one layer at a time inside ONE ``lax.scan``: layer i's q/k/v (one shared input,
+``layer_norm1(h)``, so one factorisation serves all three) are solved so ``W x = W_o y`` on every column,
+and the UPDATED layer produces the next layer's target features. Finally the U-Net's cross-attention
+``to_k``/``to_v`` are solved with the erased encoder's output as X, batched by shape bucket.
+Preserved prompts are columns whose anchor is themselves in the original model: ``W x_edited = W_o x_orig``
+pulls them back to exactly where they were even if an earlier layer could only fit them in least squares.
+When there are more columns than ``d_in``, only the first ``d_in`` (by priority) may be hard; the rest are
+compressed exactly (``||[W, -W_o] M||_F`` is unchanged by an orthogonal mix of M's columns, M = [X; Y]) into
+at most ``2 d_in`` least-squares columns, so the solve costs O(d_in^2 N), not O(N^2).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_erasepro.erase.columns import CONCEPT, KINDS, PADDING, Columns, EraseError, build_columns
+from jax_erasepro.erase.layers import unet_cross_attention
+from jax_erasepro.erase.report import EraseReport
+from jax_erasepro.erase.solvers import DEFAULT_RCOND, erasepro_solve
+from jax_erasepro.pipeline import StableDiffusion
+
+DEFAULT_PROMPTS = ("{}", "a photo of {}", "a painting by {}", "art by {}", "an image of {}")
+# Algorithm 2 presets: k (first paired tokens) and s (first edited text-encoder layer, 1-based, of 12).
+IMPLICIT_PRESETS = {"weak": (5, 5), "strong": (8, 1)}
+STAGES = ("all", "text_encoder", "unet")
+REST = len(KINDS)  # group index of the compressed least-squares columns
+
+
+def _compress(fx: jax.Array, fy: jax.Array, n_hard: int) -> tuple[jax.Array, jax.Array]:
+    """(N, d) row features -> (d, K) columns: the first ``n_hard`` kept, the rest mixed into <= 2d columns."""
+    x, y = fx.T, fy.T
+    if n_hard >= fx.shape[0]:
+        return x, y
+    rest = jnp.concatenate([fx[n_hard:], fy[n_hard:]], axis=1)  # (N - n_hard, 2d) = M^T
+    r = jnp.linalg.qr(rest, mode="r")  # M = r^T Q^T, so ||A M||_F = ||A r^T||_F
+    d = fx.shape[1]
+    return jnp.concatenate([x[:, :n_hard], r[:, :d].T], 1), jnp.concatenate([y[:, :n_hard], r[:, d:].T], 1)
+
+
+def _solve(
+    w_o: jax.Array, fx: jax.Array, fy: jax.Array, kind: jax.Array, n_hard: int, rcond: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Edit the (B, d_out, d_in) weights ``w_o`` so that W fx_j = W_o fy_j, with metrics for the report."""
+    x, y = _compress(fx, fy, n_hard)
+    k = x.shape[1]
+    groups = jnp.concatenate([kind[:n_hard], jnp.full(k - n_hard, REST, kind.dtype)])
+    w, rep = erasepro_solve(w_o, x, y, rcond=rcond, candidates=min(n_hard, k))
+    before_sq = jnp.sum((w_o @ (x - y)) ** 2, -2)  # (B, K)
+
+    def rel(num: jax.Array, mask: jax.Array) -> jax.Array:
+        den = jnp.sum(jnp.where(mask, rep.column_target_sq, 0), -1)
+        return jnp.sqrt(jnp.sum(jnp.where(mask, num, 0), -1) / jnp.maximum(den, jnp.finfo(den.dtype).tiny))
+
+    everything = jnp.ones(k, bool)
+    target = (kind == CONCEPT) | (kind == PADDING)
+    dist = jnp.sqrt(
+        jnp.sum(jnp.where(target[:, None], (fx - fy) ** 2, 0)) / jnp.sum(jnp.where(target[:, None], fy**2, 0))
+    )
+    metrics = {
+        "residual_before": rel(before_sq, everything),
+        "residual_after": rel(rep.column_residual_sq, everything),
+        "residual_hard": rel(rep.column_residual_sq, rep.hard),
+        "residual_soft": rel(rep.column_residual_sq, ~rep.hard),
+        "residual_groups": jnp.stack([rel(rep.column_residual_sq, groups == g) for g in range(REST + 1)], -1),
+        "relative_change": rep.relative_change,
+        "n_hard": jnp.sum(rep.hard),
+        "rank": rep.rank,
+        "feature_distance": dist,
+        "finite": jnp.all(jnp.isfinite(fx)) & jnp.all(jnp.isfinite(fy)) & jnp.all(jnp.isfinite(w)),
+    }
+    return w, metrics
+
+
+def _gather(h: jax.Array, rows: jax.Array, pos: jax.Array) -> jax.Array:
+    return h[rows, pos]
+
+
+@partial(jax.jit, static_argnums=0)
+def _anchor_states(graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The original encoder on the anchor rows: (L+1, R, T, d) hidden states and the final (R, T, d)."""
+    last, states = nnx.merge(graphdef, params)(ids, output_hidden_states=True)
+    return states, last
+
+
+@partial(
+    jax.jit, static_argnames=("graphdef", "start", "n_hard", "rcond", "edit_text", "edit_unet", "unroll")
+)
+def _progressive(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    unet_weights: tuple[jax.Array, ...],
+    x_ids: jax.Array,
+    y_states: jax.Array,
+    y_last: jax.Array,
+    cols: dict[str, jax.Array],
+    *,
+    start: int,
+    n_hard: int,
+    rcond: float,
+    edit_text: bool,
+    edit_unet: bool,
+    unroll: bool,
+) -> tuple[jax.Array | None, tuple[jax.Array, ...], dict, list[dict]]:
+    """Algorithm 1: text-encoder layers [start, L) edited in one scan, then the U-Net buckets."""
+    te = nnx.merge(graphdef, params)
+    layer_def, stacked = nnx.split(te.encoder.layers)
+    h = te.embeddings(x_ids)
+    head = jax.tree.map(lambda a: a[:start], stacked)
+    h, _ = jax.lax.scan(lambda h, p: (nnx.merge(layer_def, p)(h), None), h, head)
+
+    def step(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
+        layer_params, hy = xs
+        layer = nnx.merge(layer_def, layer_params)
+        fx = _gather(layer.attn_input(h), cols["x_row"], cols["x_pos"])
+        fy = _gather(layer.attn_input(hy), cols["y_row"], cols["y_pos"])
+        projs = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+        w_o = jnp.stack([p.kernel[...].T for p in projs])
+        w, metrics = _solve(w_o, fx, fy, cols["kind"], n_hard, rcond)
+        for p, wi in zip(projs, w, strict=True):
+            p.kernel.value = wi.T
+        return layer(h), (jnp.swapaxes(w, -1, -2), metrics)
+
+    qkv, text_metrics = None, {}
+    if edit_text:
+        tail = jax.tree.map(lambda a: a[start:], stacked)
+        h, (qkv, text_metrics) = jax.lax.scan(step, h, (tail, y_states[start:-1]), unroll=unroll)
+    else:
+        h, _ = jax.lax.scan(
+            lambda h, p: (nnx.merge(layer_def, p)(h), None), h, jax.tree.map(lambda a: a[start:], stacked)
+        )
+    fx = _gather(te.final_layer_norm(h), cols["x_row"], cols["x_pos"])
+    fy = _gather(y_last, cols["y_row"], cols["y_pos"])
+    new_unet, unet_metrics = [], []
+    if edit_unet:
+        for kernels in unet_weights:  # one bucket: (n, d_in, d_out) kernels of the same shape
+            w, metrics = _solve(jnp.swapaxes(kernels, -1, -2), fx, fy, cols["kind"], n_hard, rcond)
+            new_unet.append(jnp.swapaxes(w, -1, -2))
+            unet_metrics.append(metrics)
+    return qkv, tuple(new_unet), text_metrics, unet_metrics
+
+
+def _to_host(tree: Any) -> Any:
+    return jax.tree.map(np.asarray, tree)
+
+
+def erase_erasepro(
+    sd: StableDiffusion,
+    targets: Sequence[str],
+    anchors: Sequence[str],
+    preserve: Sequence[str],
+    prompts: Sequence[str] | None,
+    *,
+    method: str = "erasepro",
+    layers: str = "all",
+    pad_tokens: int | None = None,
+    first_tokens: int | None = None,
+    start_layer: int = 1,
+    rcond: float = DEFAULT_RCOND,
+    unroll: bool = False,
+) -> tuple[StableDiffusion, EraseReport]:
+    """ErasePro on ``sd``; ``start_layer`` is 1-based (1 = the first encoder layer), ``first_tokens`` is k."""
+    t0 = time.perf_counter()
+    if layers not in STAGES:
+        raise EraseError(f"unknown layer selection {layers!r} (choose from {', '.join(STAGES)})")
+    n_layers = sd.config.text_encoder.num_hidden_layers
+    if not 1 <= start_layer <= n_layers:
+        raise EraseError(f"start_layer={start_layer} is outside the text encoder's layers 1..{n_layers}")
+    templates = tuple(DEFAULT_PROMPTS if prompts is None else prompts)
+    max_length = sd.config.text_encoder.max_position_embeddings
+    cols = build_columns(
+        sd.tokenizer,
+        targets,
+        anchors,
+        preserve,
+        templates,
+        max_length=max_length,
+        pad_tokens=pad_tokens,
+        first_tokens=first_tokens,
+    )
+    edit_text, edit_unet = layers in ("all", "text_encoder"), layers in ("all", "unet")
+    d_text = sd.config.text_encoder.hidden_size
+    # N <= d_in: every column may be hard. Past d_in, only concept/EOS, preserved and prefix columns (padding
+    # is fitted in least squares), the first d_in of them by priority.
+    n_hard = cols.n if cols.n <= d_text else min(d_text, int(np.sum(cols.kind != PADDING)))
+    graphdef, params = nnx.split(sd.text_encoder)
+    buckets = unet_cross_attention(sd.unet)
+    unet_weights = tuple(b.stack() for b in buckets)
+    col_arrays = {k: jnp.asarray(getattr(cols, k)) for k in ("x_row", "x_pos", "y_row", "y_pos", "kind")}
+    t_prep = time.perf_counter()
+
+    anchor_fn = _anchor_states.lower(graphdef, params, jnp.asarray(cols.y_ids)).compile()
+    statics = dict(
+        start=start_layer - 1,
+        n_hard=n_hard,
+        rcond=rcond,
+        edit_text=edit_text,
+        edit_unet=edit_unet,
+        unroll=unroll,
+    )
+    y_shapes = jax.eval_shape(_anchor_states, graphdef, params, jnp.asarray(cols.y_ids))
+    args = (graphdef, params, unet_weights, jnp.asarray(cols.x_ids), *y_shapes, col_arrays)
+    sweep_fn = _progressive.lower(*args, **statics).compile()
+    t_compile = time.perf_counter()
+
+    y_states, y_last = jax.block_until_ready(anchor_fn(params, jnp.asarray(cols.y_ids)))
+    t_features = time.perf_counter()
+    out = sweep_fn(params, unet_weights, jnp.asarray(cols.x_ids), y_states, y_last, col_arrays)
+    qkv, new_unet, text_metrics, unet_metrics = _to_host(jax.block_until_ready(out))
+    t_solve = time.perf_counter()
+
+    finite = all(bool(np.all(m["finite"])) for m in [text_metrics, *unet_metrics] if m)
+    if not finite:
+        raise EraseError("NaN or inf in the features or in a solution: the model was left unchanged")
+    text_encoder, edited, entries = sd.text_encoder, [], []
+    if edit_text:
+        text_encoder, keys = _replace_qkv(sd.text_encoder, start_layer - 1, qkv)
+        edited += keys
+        entries += _text_entries(keys, text_metrics, start_layer - 1)
+    unet = sd.unet
+    if edit_unet:
+        unet, keys = _replace_buckets(sd.unet, buckets, new_unet)
+        edited += keys
+        for b, metrics in zip(buckets, unet_metrics, strict=True):
+            entries += _bucket_entries(b, metrics)
+    notes = _notes(cols, n_hard, d_text, entries)
+    if first_tokens is not None:
+        notes.append(
+            f"implicit: first {first_tokens} paired tokens, text-encoder layers {start_layer}..{n_layers}"
+        )
+    t_end = time.perf_counter()
+    report = EraseReport(
+        method=method,
+        targets=list(targets),
+        anchors=list(anchors),
+        preserve=list(preserve),
+        prompts=list(templates),
+        options={
+            "layers": layers,
+            "pad_tokens": pad_tokens,
+            "first_tokens": first_tokens,
+            "start_layer": start_layer,
+            "rcond": rcond,
+        },
+        columns={
+            "total": cols.n,
+            "hard_candidates": n_hard,
+            "duplicates_dropped": cols.duplicates,
+            **cols.counts(),
+        },
+        pairs=[dict(p) for p in cols.pairs],
+        layers=entries,
+        timings={
+            "prepare": t_prep - t0,
+            "compile": t_compile - t_prep,
+            "features": t_features - t_compile,
+            "solve": t_solve - t_features,
+            "total": t_end - t0,
+        },
+        edited=sorted(edited),
+        notes=notes,
+    )
+    return sd.replace(text_encoder=text_encoder, unet=unet), report
+
+
+def _replace_qkv(text_encoder: nnx.Module, start: int, qkv: np.ndarray) -> tuple[nnx.Module, list[str]]:
+    """A new text encoder whose stacked q/k/v kernels of layers [start, L) are ``qkv`` (L - start, 3, ...)."""
+    graphdef, state = nnx.split(text_encoder)
+    flat = dict(nnx.to_flat_state(state))
+    keys = []
+    for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        path = ("encoder", "layers", "self_attn", name, "kernel")
+        var = flat[path]
+        flat[path] = var.replace(jnp.asarray(var[...]).at[start:].set(qkv[:, j]))
+        keys += [
+            f"text_encoder.encoder.layers.{i}.self_attn.{name}.weight"
+            for i in range(start, start + qkv.shape[0])
+        ]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat)), keys
+
+
+def _replace_buckets(
+    unet: nnx.Module, buckets: list, kernels: Sequence[np.ndarray]
+) -> tuple[nnx.Module, list]:
+    graphdef, state = nnx.split(unet)
+    flat = dict(nnx.to_flat_state(state))
+    keys = []
+    for bucket, new in zip(buckets, kernels, strict=True):
+        for path, k in zip(bucket.paths, new, strict=True):
+            flat[path] = flat[path].replace(jnp.asarray(k))
+        keys += bucket.keys
+    return nnx.merge(graphdef, nnx.from_flat_state(flat)), keys
+
+
+def _entry(key: str, stage: str, metrics: dict, i: tuple, **extra: Any) -> dict[str, Any]:
+    groups = metrics["residual_groups"][i]
+    return {
+        "key": key,
+        "stage": stage,
+        **extra,
+        "residual_before": float(metrics["residual_before"][i]),
+        "residual_after": float(metrics["residual_after"][i]),
+        "residual_hard": float(metrics["residual_hard"][i]),
+        "residual_soft": float(metrics["residual_soft"][i]),
+        "residual_groups": {name: float(groups[g]) for g, name in enumerate((*KINDS, "least_squares_rest"))},
+        "relative_change": float(metrics["relative_change"][i]),
+        "n_hard": int(metrics["n_hard"][i[:-1]]),
+        "rank": int(metrics["rank"][i[:-1]]),
+        "feature_distance": float(metrics["feature_distance"][i[:-1]]),
+    }
+
+
+def _text_entries(keys: list[str], metrics: dict, start: int) -> list[dict[str, Any]]:
+    n = metrics["relative_change"].shape[0]
+    out = []
+    for layer in range(n):
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            key = f"text_encoder.encoder.layers.{start + layer}.self_attn.{name}.weight"
+            out.append(_entry(key, "text_encoder", metrics, (layer, j), layer=start + layer))
+    return out
+
+
+def _bucket_entries(bucket: Any, metrics: dict) -> list[dict[str, Any]]:
+    return [
+        _entry(key, "unet", metrics, (j,), bucket=list(bucket.shape)) for j, key in enumerate(bucket.keys)
+    ]
+
+
+def _notes(cols: Columns, n_hard: int, d: int, entries: list[dict]) -> list[str]:
+    notes = []
+    if cols.n > d:
+        notes.append(
+            f"{cols.n} columns > d_in={d}: the first {n_hard} by priority (concept tokens and EOS first, no "
+            f"padding) may be hard; the other {cols.n - n_hard} are fitted in least squares (residual_soft)"
+        )
+    short = [e["key"] for e in entries if e["n_hard"] < n_hard]
+    if short:
+        notes.append(
+            f"rank-deficient features: {len(short)} edited weights hold fewer than {n_hard} columns exactly "
+            f"(e.g. {short[0]}); those columns are fitted in least squares"
+        )
+    return notes

@@ -1,0 +1,71 @@
+"""What an erasure did, per edited weight: residuals, relative change, feature distance, timings, paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass
+class EraseReport:
+    """The record of one ``erase`` call; ``layers`` holds one dict per edited weight (its diffusers key)."""
+
+    method: str
+    targets: list[str]
+    anchors: list[str]
+    preserve: list[str]
+    prompts: list[str]
+    options: dict[str, Any]
+    columns: dict[str, int]
+    pairs: list[dict[str, Any]]  # per target prompt: target/anchor texts and [(target pos, anchor pos)]
+    layers: list[dict[str, Any]]
+    timings: dict[str, float]  # seconds: prepare, compile, features, solve, total
+    edited: list[str]  # ``<component>.<diffusers key>`` of every changed tensor
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["pairs"] = [{**p, "positions": [list(map(int, q)) for q in p["positions"]]} for p in self.pairs]
+        return d
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    def max_residual(self, stage: str | None = None, field: str = "residual_hard") -> float:
+        """The largest ``field`` over the edited weights (of one ``stage`` if given)."""
+        return max((e[field] for e in self.layers if stage in (None, e["stage"])), default=0.0)
+
+    def plot(self, path: str | Path) -> None:
+        """PNG: per edited weight, residual before/after and relative change (log scale), matplotlib Agg."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [_short(e["key"]) for e in self.layers]
+        fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.25 * len(names)), 8), sharex=True)
+        for field in ("residual_before", "residual_after"):
+            axes[0].semilogy([max(e[field], 1e-12) for e in self.layers], "o-", ms=3, label=field)
+        axes[0].set_ylabel("||W X - W_o Y|| / ||W_o Y||")
+        axes[0].legend()
+        axes[1].semilogy([max(e["relative_change"], 1e-12) for e in self.layers], "o-", ms=3)
+        axes[1].set_ylabel("||W - W_o|| / ||W_o||")
+        axes[1].set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        fig.suptitle(f"{self.method}: {len(self.targets)} concept(s)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def _short(key: str) -> str:
+    return (
+        key.replace("text_encoder.encoder.layers.", "te")
+        .replace(".self_attn.", ".")
+        .replace("_proj.weight", "")
+        .replace("unet.", "")
+        .replace(".attentions.", ".a")
+        .replace(".transformer_blocks.0.attn2.", ".")
+        .replace(".weight", "")
+    )

@@ -1,0 +1,175 @@
+"""UCE (Gandikota et al. 2023): the closed-form ridge edit of the U-Net's cross-attention to_k/to_v.
+
+``variant="2023"`` follows the official ``train-scripts/train_erase.py`` (``technique='replace'``): for each
+(target prompt, anchor prompt) the ORIGINAL encoder's states from each prompt's last concept token
+(``attention_mask.sum() - 2``; BOS for an empty anchor) to the end, both cut to the length of the shorter
+slice (the script's ``farthest`` trim), as X and Y; retained prompts ``[''] + preserve`` with all T positions
+as P; lam 0.5, erase scale 1, preserve scale ``max(0.1, 1 / len(retain))``. Repeated columns are NOT
+deduplicated: the script sums them, and in a ridge solve a repeat is a weight.
+``variant="2025"`` is the rewrite ``trainscripts/uce_sd_erase.py``: one column per prompt (its last concept
+token), P from the preserved prompts only, preserve scale 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_erasepro.erase.columns import EraseError, prompt_tokens
+from jax_erasepro.erase.erasepro import _replace_buckets
+from jax_erasepro.erase.layers import unet_cross_attention
+from jax_erasepro.erase.report import EraseReport
+from jax_erasepro.erase.solvers import uce_solve
+from jax_erasepro.pipeline import StableDiffusion, encode_tokens
+
+VARIANTS = ("2023", "2025")
+
+
+def uce_columns(
+    tokenizer,
+    targets: Sequence[str],
+    anchors: Sequence[str],
+    preserve: Sequence[str],
+    templates: Sequence[str],
+    variant: str,
+    max_length: int = 77,
+) -> tuple[np.ndarray, list, list, list, list[dict]]:
+    """Token rows and (row, position) lists for X, Y and P, as the chosen script builds them."""
+    rows: dict[tuple[int, ...], int] = {}
+    x, y, p, pairs = [], [], [], []
+
+    def row(ids: tuple[int, ...]) -> int:
+        return rows.setdefault(ids, len(rows))
+
+    for template in templates:
+        for target, anchor in zip(targets, anchors, strict=True):
+            t = prompt_tokens(tokenizer, template, target, max_length)
+            a = prompt_tokens(tokenizer, template, anchor, max_length)
+            ft, fa = t.eos - 1, a.eos - 1  # the script's attention_mask.sum() - 2
+            if variant == "2023":
+                far = max(ft, fa)
+                pos_t = range(ft, max_length - (far - ft))
+                pos_a = range(fa, max_length - (far - fa))
+            else:
+                pos_t, pos_a = [ft], [fa]
+            x += [(row(t.ids), q) for q in pos_t]
+            y += [(row(a.ids), q) for q in pos_a]
+            pairs.append(
+                {"target": t.text, "anchor": a.text, "positions": list(zip(pos_t, pos_a, strict=True))}
+            )
+        retain = ([""] if variant == "2023" else []) + list(preserve)
+        for concept in retain:
+            r = prompt_tokens(tokenizer, template, concept, max_length)
+            p += [(row(r.ids), q) for q in (range(max_length) if variant == "2023" else [r.eos - 1])]
+    ids = np.zeros((len(rows), max_length), np.int32)
+    for key, i in rows.items():
+        ids[i] = key
+    return ids, x, y, p, pairs
+
+
+@partial(jax.jit, static_argnames=("precision",))
+def _uce_buckets(kernels, feats, x, y, p, lam, s_e, s_p, precision):
+    fx, fy, fp = (feats[idx[:, 0], idx[:, 1]].T for idx in (x, y, p))
+    out, reports = [], []
+    for k in kernels:
+        w_o = jnp.swapaxes(k, -1, -2)
+        w, rep = uce_solve(w_o, fx, fy, fp, lam=lam, erase_scale=s_e, preserve_scale=s_p, precision=precision)
+        before = jnp.sqrt(jnp.sum((w_o @ (fx - fy)) ** 2, (-2, -1)) / jnp.sum((w_o @ fy) ** 2, (-2, -1)))
+        dist = jnp.linalg.norm(fx - fy) / jnp.linalg.norm(fy)
+        finite = jnp.all(jnp.isfinite(feats)) & jnp.all(jnp.isfinite(w))
+        out.append(jnp.swapaxes(w, -1, -2))
+        reports.append((rep, before, dist, finite))
+    return out, reports
+
+
+def erase_uce(
+    sd: StableDiffusion,
+    targets: Sequence[str],
+    anchors: Sequence[str],
+    preserve: Sequence[str],
+    prompts: Sequence[str] | None,
+    *,
+    variant: str = "2023",
+    lam: float = 0.5,
+    erase_scale: float = 1.0,
+    preserve_scale: float | None = None,
+    layers: str = "unet",
+    precision: str = "float32",
+) -> tuple[StableDiffusion, EraseReport]:
+    """UCE on every U-Net attn2 to_k/to_v; ``prompts`` None means the concept alone (the scripts' default)."""
+    t0 = time.perf_counter()
+    if variant not in VARIANTS:
+        raise EraseError(f"unknown UCE variant {variant!r} (choose from {', '.join(VARIANTS)})")
+    if layers != "unet":
+        raise EraseError(f"unknown layer selection {layers!r} for UCE (it edits the 'unet' only)")
+    templates = ["{}"] if prompts is None else list(prompts)
+    max_length = sd.config.text_encoder.max_position_embeddings
+    ids, x, y, p, pairs = uce_columns(
+        sd.tokenizer, targets, anchors, preserve, templates, variant, max_length
+    )
+    if preserve_scale is None:
+        preserve_scale = max(0.1, 1 / (1 + len(preserve))) if variant == "2023" else 1.0
+    t_prep = time.perf_counter()
+    feats = encode_tokens(sd.text_encoder, ids)
+    t_features = time.perf_counter()
+    buckets = unet_cross_attention(sd.unet)
+    idx = [jnp.asarray(np.asarray(v, np.int32).reshape(-1, 2)) for v in (x, y, p)]
+    out, reps = _uce_buckets(
+        tuple(b.stack() for b in buckets), feats, *idx, lam, erase_scale, preserve_scale, precision
+    )
+    out, reps = jax.tree.map(np.asarray, jax.block_until_ready((out, reps)))
+    t_solve = time.perf_counter()
+    if not all(bool(r[3]) for r in reps):
+        raise EraseError("NaN or inf in the features or in a solution: the model was left unchanged")
+    unet, edited = _replace_buckets(sd.unet, buckets, out)
+    entries = []
+    for b, (rep, before, dist, _) in zip(buckets, reps, strict=True):
+        for j, key in enumerate(b.keys):
+            entries.append(
+                {
+                    "key": key,
+                    "stage": "unet",
+                    "bucket": list(b.shape),
+                    "residual_before": float(before[j]),
+                    "residual_after": float(rep.residual_target[j]),
+                    "residual_preserve": float(rep.residual_preserve[j]),
+                    "objective": float(rep.objective[j]),
+                    "relative_change": float(rep.relative_change[j]),
+                    "feature_distance": float(dist),
+                }
+            )
+    report = EraseReport(
+        method="uce",
+        targets=list(targets),
+        anchors=list(anchors),
+        preserve=list(preserve),
+        prompts=templates,
+        options={
+            "variant": variant,
+            "lam": lam,
+            "erase_scale": erase_scale,
+            "preserve_scale": preserve_scale,
+            "layers": layers,
+            "precision": precision,
+        },
+        columns={"erase": len(x), "preserve": len(p)},
+        pairs=pairs,
+        layers=entries,
+        timings={
+            "prepare": t_prep - t0,
+            "features": t_features - t_prep,
+            "solve": t_solve - t_features,
+            "total": time.perf_counter() - t0,
+        },
+        edited=sorted(edited),
+        notes=["UCE is a ridge (soft) solve: residuals are not driven to zero by design"],
+    )
+    return sd.replace(unet=unet), report
+
+
+__all__ = ["VARIANTS", "erase_uce", "uce_columns"]
