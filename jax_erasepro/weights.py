@@ -11,7 +11,7 @@ Loading is strict: every missing, unexpected, mis-shaped or non-finite tensor ra
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -34,7 +34,8 @@ def _to_hf_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _to_flax_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
+def to_flax_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
+    """A PyTorch-layout tensor in the layout of the NNX param whose leaf name is ``leaf``."""
     if leaf == "kernel" and arr.ndim == 2:
         return arr.T
     if leaf == "kernel" and arr.ndim == 4:  # OIHW -> HWIO
@@ -90,16 +91,24 @@ def state_dict_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def to_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarray]:
-    """Export params as a flat dict in PyTorch layout (numpy, contiguous), optionally cast."""
+def iter_state_dict(
+    model: nnx.Module, dtype: Any = None, keys: Container[str] | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (key, array in PyTorch layout, contiguous, optionally cast) one param at a time (low memory),
+    only for ``keys`` when given."""
     flat = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    out = {}
     for path, key, i, leaf in param_entries(model):
+        if keys is not None and key not in keys:
+            continue
         arr = flat[path] if i is None else flat[path][i]
         arr = _to_hf_layout(leaf, arr)
         arr = arr if dtype is None else arr.astype(dtype)
-        out[key] = np.ascontiguousarray(arr).reshape(arr.shape)  # keeps 0-d params (logit_scale) 0-d
-    return out
+        yield key, np.ascontiguousarray(arr).reshape(arr.shape)  # keeps 0-d params (logit_scale) 0-d
+
+
+def to_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarray]:
+    """Export params as a flat dict in PyTorch layout (numpy, contiguous), optionally cast."""
+    return dict(iter_state_dict(model, dtype))
 
 
 def load_state_dict(
@@ -135,7 +144,7 @@ def load_state_dict(
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise WeightsError(f"{source}: unexpected key {unexpected[0]!r}{more}")
     np_dtype = np.dtype(dtype)
-    buffers: dict[tuple[Any, ...], np.ndarray] = {}
+    buffers: dict[tuple[Any, ...], Any] = {}
     for path, key, i, leaf in param_entries(abstract):
         target = flat[path]
         want = tuple(target.shape) if i is None else tuple(target.shape[1:])
@@ -144,20 +153,34 @@ def load_state_dict(
             raise WeightsError(
                 f"{source}: key {key!r} has shape {arr.shape}, the config expects {_hf_shape(leaf, want)}"
             )
-        if check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        if check_finite and not _all_finite(arr):
             raise WeightsError(f"{source}: key {key!r} holds NaN or inf values")
-        arr = _to_flax_layout(leaf, arr).astype(np_dtype, copy=False)
-        if i is None:
-            buffers[path] = arr
+        arr = to_flax_layout(leaf, arr)  # a view: the one copy is into the param below
+        if i is None:  # to a device array now, so the source tensor can be freed before the next one
+            buffers[path] = _to_jax(arr, np_dtype)
         else:
             if path not in buffers:
-                buffers[path] = np.empty(target.shape, np_dtype)
+                buffers[path] = np.empty(target.shape, arr.dtype)
             buffers[path][i] = arr
     new = {
-        path: var.replace(jnp.asarray(buffers[path])) if path in buffers else var
+        path: var.replace(_to_jax(buffers[path], np_dtype)) if path in buffers else var
         for path, var in flat.items()
     }
     return nnx.merge(graphdef, nnx.from_flat_state(new))
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    """No NaN/inf in ``arr``: one summing pass (no temporary), the full check only if the sum is inf/NaN."""
+    acc = np.float64 if arr.dtype == np.float64 else np.float32
+    if arr.dtype.kind != "f" or np.isfinite(arr.sum(dtype=acc)):
+        return True
+    return bool(np.isfinite(arr).all())
+
+
+def _to_jax(arr: np.ndarray, dtype: np.dtype) -> jax.Array:
+    """Copy into a JAX array, casting on the JAX side (XLA casts far faster than numpy's strided astype)."""
+    out = jnp.asarray(arr)
+    return out if out.dtype == dtype else out.astype(dtype)
 
 
 def abstract_model(factory: Callable[[], nnx.Module]) -> nnx.Module:

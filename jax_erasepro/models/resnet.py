@@ -55,7 +55,7 @@ class ResnetBlock2D(nnx.Module):
 
 
 class Downsample2D(nnx.Module):
-    """Stride-2 3x3 ``conv``; padding 0 pads bottom/right by one first, as diffusers (the VAE encoder) does."""
+    """Stride-2 3x3 ``conv``; padding 0 means one row/column of zeros at bottom/right (the VAE encoder)."""
 
     def __init__(self, channels: int, *, padding: int = 1, rngs: nnx.Rngs):
         pad = ((0, 1), (0, 1)) if padding == 0 else padding

@@ -75,7 +75,12 @@ class UNet2DConditionConfig(JsonConfig):
         "DownBlock2D",
     )
     mid_block_type: str = "UNetMidBlock2DCrossAttn"
-    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    up_block_types: tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int | tuple[int, ...] = 2
     downsample_padding: int = 1
@@ -114,7 +119,9 @@ class UNet2DConditionConfig(JsonConfig):
             table = DOWN_BLOCKS if key == "down_block_types" else UP_BLOCKS
             for kind in getattr(self, key):
                 if kind not in table:
-                    raise ConfigError(f"{source}: unsupported {key} entry {kind!r} (supported: {sorted(table)})")
+                    raise ConfigError(
+                        f"{source}: unsupported {key} entry {kind!r} (supported: {sorted(table)})"
+                    )
         if self.mid_block_type != "UNetMidBlock2DCrossAttn":
             raise ConfigError(f"{source}: unsupported mid_block_type={self.mid_block_type!r}")
         if self.act_fn != "silu":
@@ -129,7 +136,9 @@ class UNet2DConditionConfig(JsonConfig):
             if ch % self.norm_num_groups:
                 raise ConfigError(f"{source}: block_out_channels {ch} not divisible by norm_num_groups")
             if ch % self.num_heads(i):
-                raise ConfigError(f"{source}: block_out_channels {ch} not divisible by attention_head_dim (heads)")
+                raise ConfigError(
+                    f"{source}: block_out_channels {ch} not divisible by attention_head_dim (heads)"
+                )
 
 
 class UNet2DConditionModel(nnx.Module):
@@ -187,7 +196,9 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = group_norm(chans[0], cfg.norm_num_groups, cfg.norm_eps, rngs=rngs)
         self.conv_out = conv(chans[0], cfg.out_channels, 3, pad=1, rngs=rngs)
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array) -> jax.Array:
+    def __call__(
+        self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array
+    ) -> jax.Array:
         """(B, h, w, C_in) latents, scalar or (B,) timesteps, (B, T, D) text states -> (B, h, w, C_out)."""
         cfg = self.config
         batch = sample.shape[0]

@@ -65,7 +65,10 @@ class DownBlock2D(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.resnets = nnx.List(
-            [_resnet(in_channels if i == 0 else out_channels, out_channels, spec, rngs) for i in range(num_layers)]
+            [
+                _resnet(in_channels if i == 0 else out_channels, out_channels, spec, rngs)
+                for i in range(num_layers)
+            ]
         )
         self.downsamplers = (
             nnx.List([Downsample2D(out_channels, padding=downsample_padding, rngs=rngs)])
@@ -92,8 +95,16 @@ class DownBlock2D(nnx.Module):
 class CrossAttnDownBlock2D(DownBlock2D):
     """``DownBlock2D`` with a ``Transformer2DModel`` after each resnet (``attentions.i``)."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, spec: BlockSpec, rngs: nnx.Rngs,
-                 **kwargs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        spec: BlockSpec,
+        rngs: nnx.Rngs,
+        **kwargs,
+    ):
         super().__init__(in_channels, out_channels, num_layers=num_layers, spec=spec, rngs=rngs, **kwargs)
         self.attentions = nnx.List([_transformer(out_channels, spec, rngs) for _ in range(num_layers)])
 
@@ -152,10 +163,25 @@ class UpBlock2D(nnx.Module):
 class CrossAttnUpBlock2D(UpBlock2D):
     """``UpBlock2D`` with a ``Transformer2DModel`` after each resnet (``attentions.i``)."""
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, *, num_layers: int,
-                 spec: BlockSpec, rngs: nnx.Rngs, **kwargs):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        spec: BlockSpec,
+        rngs: nnx.Rngs,
+        **kwargs,
+    ):
         super().__init__(
-            in_channels, prev_output_channel, out_channels, num_layers=num_layers, spec=spec, rngs=rngs, **kwargs
+            in_channels,
+            prev_output_channel,
+            out_channels,
+            num_layers=num_layers,
+            spec=spec,
+            rngs=rngs,
+            **kwargs,
         )
         self.attentions = nnx.List([_transformer(out_channels, spec, rngs) for _ in range(num_layers)])
 
@@ -167,7 +193,9 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
     """``resnets.0``, then (``attentions.0``, ``resnets.1``) at the lowest resolution."""
 
     def __init__(self, channels: int, *, output_scale_factor: float, spec: BlockSpec, rngs: nnx.Rngs):
-        self.resnets = nnx.List([_resnet(channels, channels, spec, rngs, output_scale_factor) for _ in range(2)])
+        self.resnets = nnx.List(
+            [_resnet(channels, channels, spec, rngs, output_scale_factor) for _ in range(2)]
+        )
         self.attentions = nnx.List([_transformer(channels, spec, rngs)])
 
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
@@ -182,11 +210,21 @@ def _vae_resnet(cin: int, cout: int, groups: int, rngs: nnx.Rngs) -> ResnetBlock
 class DownEncoderBlock2D(nnx.Module):
     """VAE encoder block: resnets without time embedding, then an optional ``downsamplers.0``."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int,
-                 add_downsample: bool, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        groups: int,
+        add_downsample: bool,
+        rngs: nnx.Rngs,
+    ):
         self.resnets = nnx.List(
-            [_vae_resnet(in_channels if i == 0 else out_channels, out_channels, groups, rngs)
-             for i in range(num_layers)]
+            [
+                _vae_resnet(in_channels if i == 0 else out_channels, out_channels, groups, rngs)
+                for i in range(num_layers)
+            ]
         )
         self.downsamplers = (
             nnx.List([Downsample2D(out_channels, padding=0, rngs=rngs)]) if add_downsample else None
@@ -201,11 +239,21 @@ class DownEncoderBlock2D(nnx.Module):
 class UpDecoderBlock2D(nnx.Module):
     """VAE decoder block: resnets without time embedding, then an optional ``upsamplers.0``."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int,
-                 add_upsample: bool, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        groups: int,
+        add_upsample: bool,
+        rngs: nnx.Rngs,
+    ):
         self.resnets = nnx.List(
-            [_vae_resnet(in_channels if i == 0 else out_channels, out_channels, groups, rngs)
-             for i in range(num_layers)]
+            [
+                _vae_resnet(in_channels if i == 0 else out_channels, out_channels, groups, rngs)
+                for i in range(num_layers)
+            ]
         )
         self.upsamplers = nnx.List([Upsample2D(out_channels, rngs=rngs)]) if add_upsample else None
 

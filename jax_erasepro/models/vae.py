@@ -16,7 +16,7 @@ from jax_erasepro.models.unet_blocks import DownEncoderBlock2D, UNetMidBlock2D, 
 
 @dataclasses.dataclass(frozen=True)
 class AutoencoderKLConfig(JsonConfig):
-    """diffusers' ``vae/config.json``; ``scaling_factor`` (absent from SD v1.4's file) defaults as in diffusers."""
+    """diffusers' ``vae/config.json``; ``scaling_factor`` (absent in SD v1.4's file) as diffusers."""
 
     ACCEPTED: ClassVar = {
         # Only picks fp32 decoding under fp16 pipelines; our params are float32 either way.

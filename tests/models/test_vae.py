@@ -39,7 +39,11 @@ def _check(cfg: AutoencoderKLConfig, size: int):
         ref_dec = tm.decode(torch.from_numpy(z)).sample.numpy()
     mean, logvar = nnx.jit(lambda m, a: m.encode(a))(model, x.transpose(0, 2, 3, 1))
     dec = nnx.jit(lambda m, a: m.decode(a))(model, z.transpose(0, 2, 3, 1))
-    for name, ours, ref in [("mean", mean, ref_mean), ("logvar", logvar, ref_logvar), ("decode", dec, ref_dec)]:
+    for name, ours, ref in [
+        ("mean", mean, ref_mean),
+        ("logvar", logvar, ref_logvar),
+        ("decode", dec, ref_dec),
+    ]:
         ours = np.asarray(ours).transpose(0, 3, 1, 2)
         print(f"{name}: max abs err {np.abs(ours - ref).max():.3g} (max |ref| {np.abs(ref).max():.3g})")
         assert_close(ours, ref)
