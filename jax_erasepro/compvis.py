@@ -9,7 +9,7 @@ Both directions are strict: an unknown, missing, duplicate or mis-shaped tensor 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -326,7 +326,8 @@ def diffusers_shapes(
     return {df: shape for _, df, _, shape in _rows(unet_cfg, vae_cfg, text_cfg)}
 
 
-def _compvis_shape(rule: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def compvis_shape(rule: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The CompVis shape of a tensor whose diffusers shape is ``shape``."""
     return (*shape, 1, 1) if rule == CONV1X1_LINEAR else shape
 
 
@@ -334,7 +335,8 @@ def _to_diffusers(rule: str, arr: np.ndarray) -> np.ndarray:
     return arr.reshape(arr.shape[:2]) if rule == CONV1X1_LINEAR else arr
 
 
-def _to_compvis(rule: str, arr: np.ndarray) -> np.ndarray:
+def to_compvis_layout(rule: str, arr: np.ndarray) -> np.ndarray:
+    """A diffusers-layout tensor in CompVis layout (``rule`` from ``compvis_key_map``)."""
     return arr.reshape(*arr.shape, 1, 1) if rule == CONV1X1_LINEAR else arr
 
 
@@ -364,18 +366,18 @@ def _raise_missing(missing: set[str], source: str) -> None:
         raise WeightsError(f"{source}: missing key {first!r}{more}")
 
 
-def compvis_to_diffusers(
-    tensors: Mapping[str, np.ndarray], configs: Mapping[str, Mapping[str, Any]], *, source: str = "checkpoint"
-) -> dict[str, dict[str, np.ndarray]]:
-    """Split a single-file CompVis state dict into diffusers ``unet``/``vae``/``text_encoder`` dicts.
+def plan_compvis_to_diffusers(
+    keys: Iterable[str], configs: Mapping[str, Mapping[str, Any]], *, source: str = "checkpoint"
+) -> dict[str, dict[str, tuple[str, str, tuple[int, ...]]]]:
+    """Check a single file's key set against the table, reading no tensor (so a loader can stream).
 
-    ``configs`` maps those component names to their diffusers config dicts. Text encoder keys come out
-    without the ``text_model.`` prefix (transformers 5 and our models). Strict: raises WeightsError.
+    Returns component -> diffusers key -> (file key, layout rule, CompVis shape); raises WeightsError on
+    an unexpected, duplicate or missing key. Feed each tensor through ``compvis_tensor_to_diffusers``.
     """
     by_cv = {cv: (df, rule, shape) for cv, df, rule, shape in _table(configs)}
-    out: dict[str, dict[str, np.ndarray]] = {c: {} for c in COMPONENTS}
+    out: dict[str, dict[str, tuple[str, str, tuple[int, ...]]]] = {c: {} for c in COMPONENTS}
     seen: dict[str, str] = {}
-    for key in tensors:
+    for key in keys:
         if is_ignored(key):
             continue
         cv = _canonical_compvis(key)
@@ -385,14 +387,36 @@ def compvis_to_diffusers(
             raise WeightsError(f"{source}: key {key!r} duplicates {seen[cv]!r}")
         seen[cv] = key
         df, rule, shape = by_cv[cv]
-        arr = np.asarray(tensors[key])
-        want = _compvis_shape(rule, shape)
-        if arr.shape != want:
-            raise WeightsError(f"{source}: key {key!r} has shape {arr.shape}, the config expects {want}")
         comp, name = df.split(".", 1)
-        out[comp][name] = _to_diffusers(rule, arr)
+        out[comp][name] = (key, rule, compvis_shape(rule, shape))
     _raise_missing(set(by_cv) - set(seen), source)
     return out
+
+
+def compvis_tensor_to_diffusers(
+    arr: np.ndarray, entry: tuple[str, str, tuple[int, ...]], *, source: str = "checkpoint"
+) -> np.ndarray:
+    """One planned tensor (``plan_compvis_to_diffusers`` entry) in diffusers layout, its shape checked."""
+    key, rule, want = entry
+    arr = np.asarray(arr)
+    if arr.shape != want:
+        raise WeightsError(f"{source}: key {key!r} has shape {arr.shape}, the config expects {want}")
+    return _to_diffusers(rule, arr)
+
+
+def compvis_to_diffusers(
+    tensors: Mapping[str, np.ndarray], configs: Mapping[str, Mapping[str, Any]], *, source: str = "checkpoint"
+) -> dict[str, dict[str, np.ndarray]]:
+    """Split a single-file CompVis state dict into diffusers ``unet``/``vae``/``text_encoder`` dicts.
+
+    ``configs`` maps those component names to their diffusers config dicts. Text encoder keys come out
+    without the ``text_model.`` prefix (transformers 5 and our models). Strict: raises WeightsError.
+    """
+    plan = plan_compvis_to_diffusers(tensors.keys(), configs, source=source)
+    return {
+        comp: {df: compvis_tensor_to_diffusers(tensors[e[0]], e, source=source) for df, e in rows.items()}
+        for comp, rows in plan.items()
+    }
 
 
 def normalize_vae_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -453,5 +477,5 @@ def diffusers_to_compvis(
         arr = np.asarray(flat[df])
         if arr.shape != shape:
             raise WeightsError(f"{source}: key {df!r} has shape {arr.shape}, the config expects {shape}")
-        out[cv] = _to_compvis(rule, arr)
+        out[cv] = to_compvis_layout(rule, arr)
     return out

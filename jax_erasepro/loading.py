@@ -1,4 +1,4 @@
-"""Read a diffusers-format Stable Diffusion folder into Flax NNX, without torch.
+"""Read Stable Diffusion (diffusers folder, CompVis single file, orbax folder) into Flax NNX, without torch.
 
 Target trees come from ``nnx.eval_shape`` (no throw-away random init); tensors stream from safetensors
 straight into them through the strict map of ``weights.py``. Every failure names the file and the key.
@@ -7,25 +7,32 @@ straight into them through the strict map of ``weights.py``. Every failure names
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import struct
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError, safe_open
 
+from jax_erasepro.compvis import compvis_tensor_to_diffusers, plan_compvis_to_diffusers
 from jax_erasepro.models.clip import CLIPTextConfig, CLIPTextModel
 from jax_erasepro.models.config import ConfigError
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jax_erasepro.pipeline import SDConfig, SourceInfo, StableDiffusion
+from jax_erasepro.safefiles import SAFETENSORS_NAMES, numpy_dtype
 from jax_erasepro.schedulers import SchedulerConfig
 from jax_erasepro.tokenizer import load_tokenizer
-from jax_erasepro.weights import WeightsError, load_state_dict
+from jax_erasepro.weights import WeightsError, abstract_model, load_state_dict
 
 TEXT_PREFIX = "text_model."
+PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DEFAULT_CONFIGS = Path(str(resources.files("jax_erasepro") / "assets" / "sd-v1-4-configs"))
+# Files that mark the folders ``save_pretrained`` writes in its own formats.
+ORBAX_MARKER, ORBAX_PARAMS, DELTA_MARKER = "jax_erasepro_orbax.json", "params", "delta.json"
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 # Buffers some exporters write that are not parameters.
 IGNORED_KEYS = {"text_encoder": ("embeddings.position_ids",)}
@@ -48,28 +55,47 @@ def _weights_file(folder: Path, stem: str, variant: str | None) -> Path:
 
 
 class SafetensorsReader:
-    """Lazy key -> numpy access to one safetensors file, with errors that name the file."""
+    """Zero-copy key -> numpy view of one safetensors file (memory-mapped), so a loader copies each tensor
+    once, straight into its param. The header is validated up front; errors name the file."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            self._f = safe_open(str(path), framework="numpy")
-            self.keys = set(self._f.keys())
-        except (SafetensorError, OSError) as e:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError(f"header of {n} bytes in a {size}-byte file")
+                header = json.loads(f.read(n))
+            data_start = 8 + n
+            self._entries: dict[str, tuple[int, int, np.dtype, tuple[int, ...]]] = {}
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                dtype, shape = numpy_dtype(info["dtype"]), tuple(info["shape"])
+                begin, end = info["data_offsets"]
+                if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin > end:
+                    raise ValueError(f"tensor {key!r}: offsets do not match its shape and dtype")
+                if data_start + end > size:
+                    raise ValueError(f"tensor {key!r} runs past the end of the file (truncated?)")
+                self._entries[key] = (data_start + begin, data_start + end, dtype, shape)
+            self._map = np.memmap(path, np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
+        except (ValueError, KeyError, TypeError, OSError, struct.error) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+        self.keys = set(self._entries)
 
     def __getitem__(self, key: str) -> np.ndarray:
-        try:
-            return self._f.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise WeightsError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
+        if key not in self._entries:
+            raise WeightsError(f"{self.path}: no tensor {key!r}")
+        begin, end, dtype, shape = self._entries[key]
+        return self._map[begin:end].view(dtype).reshape(shape)
 
     def dtypes(self) -> dict[str, str]:
-        return {k: str(self._f.get_slice(k).get_dtype()) for k in self.keys}
+        return {k: SAFETENSORS_NAMES[e[2]] for k, e in self._entries.items()}
 
 
 def _load_component(
-    folder: Path, name: str, factory: Callable[[], nnx.Module], dtype: Any, variant: str | None
+    folder: Path, name: str, abstract: nnx.Module, dtype: Any, variant: str | None
 ) -> tuple[nnx.Module, dict[str, Any]]:
     path = _weights_file(folder / name, WEIGHT_NAMES[name], variant)
     reader = SafetensorsReader(path)
@@ -79,7 +105,7 @@ def _load_component(
     keys = {k[len(prefix) :] for k in reader.keys}
     ignored = IGNORED_KEYS.get(name, ())
     model = load_state_dict(
-        nnx.eval_shape(factory),
+        abstract,
         lambda k: reader[prefix + k],
         keys,
         source=str(path),
@@ -89,10 +115,105 @@ def _load_component(
     return model, {"file": path.name, "key_prefix": prefix, "dtypes": reader.dtypes()}
 
 
+def _abstract_models(cfg: SDConfig) -> dict[str, nnx.Module]:
+    """Component name -> its tree of shapes, in the order the loaders read them."""
+    return {
+        "text_encoder": abstract_model(CLIPTextModel, cfg.text_encoder),
+        "unet": abstract_model(UNet2DConditionModel, cfg.unet),
+        "vae": abstract_model(AutoencoderKL, cfg.vae),
+    }
+
+
+def _read_configs(root: Path) -> tuple[SDConfig, SchedulerConfig]:
+    """The configs of a diffusers-layout folder (model_index.json and each component's config file)."""
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"missing {index_path} (not a diffusers folder)")
+    model_index = json.loads(index_path.read_text())
+    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if comp not in model_index:
+            raise ConfigError(f"{index_path}: no {comp!r} component")
+    config = SDConfig(
+        text_encoder=CLIPTextConfig.from_json(root / "text_encoder" / "config.json"),
+        unet=UNet2DConditionConfig.from_json(root / "unet" / "config.json"),
+        vae=AutoencoderKLConfig.from_json(root / "vae" / "config.json"),
+        model_index=model_index,
+    )
+    return config, SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
+
+
+def _tokenizer_folder(root: Path) -> Path:
+    """A folder's ``tokenizer/``, or SD v1.4's tokenizer shipped in the package when it has none."""
+    own = root / "tokenizer"
+    return own if own.is_dir() else Path(str(resources.files("jax_erasepro") / "assets" / "clip_tokenizer"))
+
+
+def _load_single_file(path: Path, config: str | Path | None, dtype: Any) -> StableDiffusion:
+    """A CompVis single-file ``.safetensors``, keys mapped by ``compvis.py``; configs from ``config``."""
+    cfg_root = Path(config) if config is not None else DEFAULT_CONFIGS
+    cfg, sched_cfg = _read_configs(cfg_root)
+    reader = SafetensorsReader(path)
+    dicts = {"text_encoder": cfg.text_encoder.to_dict(), "unet": cfg.unet.to_dict(), "vae": cfg.vae.to_dict()}
+    plan = plan_compvis_to_diffusers(reader.keys, dicts, source=str(path))
+    file_dtypes = reader.dtypes()
+    models, components = {}, {}
+    for name, abstract in _abstract_models(cfg).items():
+        rows = plan[name]
+        models[name] = load_state_dict(
+            abstract,
+            lambda k, rows=rows: compvis_tensor_to_diffusers(reader[rows[k][0]], rows[k], source=str(path)),
+            set(rows),
+            source=str(path),
+            dtype=dtype,
+        )
+        dtypes = {k: file_dtypes[row[0]] for k, row in rows.items()}
+        components[name] = {"file": path.name, "key_prefix": "", "dtypes": dtypes}
+    return StableDiffusion(
+        **models,
+        tokenizer=load_tokenizer(_tokenizer_folder(cfg_root)),
+        scheduler_config=sched_cfg,
+        config=cfg,
+        source=SourceInfo(path=str(path.resolve()), format="single_file", components=components),
+    )
+
+
+def _load_orbax(root: Path, dtype: Any) -> StableDiffusion:
+    """A folder from ``save_pretrained(format="orbax")``: configs, tokenizer and one orbax checkpoint."""
+    import orbax.checkpoint as ocp
+
+    meta = json.loads((root / ORBAX_MARKER).read_text())
+    cfg, sched_cfg = _read_configs(root)
+    abstract = _abstract_models(cfg)
+    target = {name: nnx.to_pure_dict(nnx.state(m, nnx.Param)) for name, m in abstract.items()}
+    try:
+        restored = ocp.StandardCheckpointer().restore((root / ORBAX_PARAMS).resolve(), target)
+    except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, tensorstore errors)
+        raise WeightsError(f"{root / ORBAX_PARAMS}: cannot restore the orbax checkpoint ({e})") from None
+    models = {}
+    for name, model in abstract.items():
+        graphdef, state = nnx.split(model)
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), restored[name])
+        nnx.replace_by_pure_dict(state, params)
+        models[name] = nnx.merge(graphdef, state)
+    return StableDiffusion(
+        **models,
+        tokenizer=load_tokenizer(root / "tokenizer"),
+        scheduler_config=sched_cfg,
+        config=cfg,
+        source=SourceInfo(path=str(root.resolve()), format="orbax", components=meta["source_components"]),
+    )
+
+
 def load_pretrained(
-    path: str | Path | None = None, *, dtype: str = "float32", variant: str | None = None
+    path: str | Path | None = None,
+    *,
+    dtype: str = "float32",
+    variant: str | None = None,
+    config: str | Path | None = None,
 ) -> StableDiffusion:
-    """Load a diffusers-format SD v1.x folder (safetensors, fp32 or the fp16 variant) into JAX.
+    """Load SD v1.x into JAX: a diffusers folder (safetensors, fp32 or the fp16 variant), a folder saved with
+    ``format="orbax"``, or a CompVis single-file ``.safetensors`` (configs from the diffusers folder
+    ``config``, default SD v1.4's shipped ones).
 
     ``dtype`` is the params' dtype in memory; ``variant`` picks e.g. ``"fp16"`` weight files.
     ``path=None`` loads the embedded default model.
@@ -102,39 +223,33 @@ def load_pretrained(
 
         path = default_model_path()
     root = Path(path)
+    jdtype = jnp.dtype(dtype)
+    if root.is_file():
+        if root.suffix in PICKLED_SUFFIXES:
+            raise WeightsError(
+                f"{root}: a pickled checkpoint; load_pretrained reads safetensors only. Convert it first: "
+                f"`python -m convert.ckpt {root} OUT.safetensors` (or `python -m convert.single_file`)"
+            )
+        if root.suffix != ".safetensors":
+            raise WeightsError(f"{root}: unknown file type (expected a single-file .safetensors)")
+        return _load_single_file(root, config, jdtype)
     if not root.is_dir():
         raise FileNotFoundError(f"no such model folder: {root}")
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"missing {index_path} (not a diffusers folder)")
-    model_index = json.loads(index_path.read_text())
-    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if comp not in model_index:
-            raise ConfigError(f"{index_path}: no {comp!r} component")
-    jdtype = jnp.dtype(dtype)
-    text_cfg = CLIPTextConfig.from_json(root / "text_encoder" / "config.json")
-    unet_cfg = UNet2DConditionConfig.from_json(root / "unet" / "config.json")
-    vae_cfg = AutoencoderKLConfig.from_json(root / "vae" / "config.json")
-    sched_cfg = SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
-    text_encoder, text_src = _load_component(
-        root, "text_encoder", lambda: CLIPTextModel(text_cfg, rngs=nnx.Rngs(0)), jdtype, variant
-    )
-    unet, unet_src = _load_component(
-        root, "unet", lambda: UNet2DConditionModel(unet_cfg, rngs=nnx.Rngs(0)), jdtype, variant
-    )
-    vae, vae_src = _load_component(
-        root, "vae", lambda: AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0)), jdtype, variant
-    )
+    if (root / ORBAX_MARKER).is_file():
+        return _load_orbax(root, jdtype)
+    if (root / DELTA_MARKER).is_file():
+        raise ValueError(
+            f"{root} is a delta, not a model: use "
+            f"apply_delta(load_pretrained(BASE), {str(root)!r})"
+        )
+    cfg, sched_cfg = _read_configs(root)
+    models, components = {}, {}
+    for name, abstract in _abstract_models(cfg).items():
+        models[name], components[name] = _load_component(root, name, abstract, jdtype, variant)
     return StableDiffusion(
-        text_encoder=text_encoder,
-        unet=unet,
-        vae=vae,
+        **models,
         tokenizer=load_tokenizer(root / "tokenizer"),
         scheduler_config=sched_cfg,
-        config=SDConfig(text_encoder=text_cfg, unet=unet_cfg, vae=vae_cfg, model_index=model_index),
-        source=SourceInfo(
-            path=str(root.resolve()),
-            format="diffusers",
-            components={"text_encoder": text_src, "unet": unet_src, "vae": vae_src},
-        ),
+        config=cfg,
+        source=SourceInfo(path=str(root.resolve()), format="diffusers", components=components),
     )

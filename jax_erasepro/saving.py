@@ -1,0 +1,198 @@
+"""Write a StableDiffusion out: a diffusers folder, a CompVis single file, an orbax folder, a delta or a LoRA.
+
+Every tensor is written in the dtype and key form its source file had (``sd.source``), so untouched tensors
+come back bit-identical; a model built in memory writes float32. Writes are atomic (``safefiles.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from jax_erasepro import safefiles
+from jax_erasepro.compvis import compvis_key_map, compvis_shape, diffusers_shapes, to_compvis_layout
+from jax_erasepro.delta import write_delta
+from jax_erasepro.loading import ORBAX_MARKER, ORBAX_PARAMS
+from jax_erasepro.lora import write_lora
+from jax_erasepro.pipeline import StableDiffusion
+from jax_erasepro.weights import iter_state_dict, state_dict_shapes
+
+FORMATS = ("diffusers", "single_file", "orbax", "delta", "lora")
+COMPONENTS = ("text_encoder", "unet", "vae")
+WEIGHT_FILES = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
+DIFFUSERS_VERSION = "0.42.1"  # the diffusers release these files are tested against
+POSITION_IDS = "embeddings.position_ids"
+
+
+def source_dtype(sd: StableDiffusion, comp: str, key: str, override: Any = None) -> np.dtype:
+    """The dtype ``key`` of component ``comp`` had in the source file (float32 for in-memory models)."""
+    if override is not None:
+        return np.dtype(override)
+    info = sd.source.components.get(comp)
+    name = info["dtypes"].get(info.get("key_prefix", "") + key) if info else None
+    return safefiles.numpy_dtype(name) if name else np.dtype(np.float32)
+
+
+def _model_index(sd: StableDiffusion) -> dict[str, Any]:
+    sched = sd.scheduler_config.class_name or "PNDMScheduler"
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "safety_checker": [None, None],
+        "requires_safety_checker": False,
+        "scheduler": ["diffusers", sched],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def config_files(sd: StableDiffusion) -> dict[str, dict[str, Any]]:
+    """Relative path -> JSON of each config file of a diffusers folder, in the form diffusers accepts."""
+    version = {"_diffusers_version": DIFFUSERS_VERSION}
+    sched = {"_class_name": "PNDMScheduler", **version, **sd.scheduler_config.to_dict()}
+    return {
+        "model_index.json": _model_index(sd),
+        "unet/config.json": {"_class_name": "UNet2DConditionModel", **version, **sd.config.unet.to_dict()},
+        "vae/config.json": {"_class_name": "AutoencoderKL", **version, **sd.config.vae.to_dict()},
+        "text_encoder/config.json": {
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            **sd.config.text_encoder.to_dict(),
+        },
+        "scheduler/scheduler_config.json": sched,
+    }
+
+
+def _write_configs_and_tokenizer(sd: StableDiffusion, root: Path) -> None:
+    for rel, obj in config_files(sd).items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        safefiles.write_json(root / rel, obj)
+    sd.tokenizer.save_pretrained(str(root / "tokenizer"))
+
+
+def _component_header(
+    sd: StableDiffusion, comp: str, dtype: Any
+) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """(file key, shape, dtype) of a component's weight file, in the key form and dtypes of its source."""
+    info = sd.source.components.get(comp, {})
+    prefix = info.get("key_prefix", "")
+    model = getattr(sd, comp)
+    header = [(prefix + k, s, source_dtype(sd, comp, k, dtype)) for k, s in state_dict_shapes(model).items()]
+    if prefix + POSITION_IDS in info.get("dtypes", {}):  # a buffer some files carry: write it back
+        n = sd.config.text_encoder.max_position_embeddings
+        header.append((prefix + POSITION_IDS, (1, n), source_dtype(sd, comp, POSITION_IDS)))
+    return header
+
+
+def _component_tensors(sd: StableDiffusion, comp: str) -> Iterator[tuple[str, np.ndarray]]:
+    info = sd.source.components.get(comp, {})
+    prefix = info.get("key_prefix", "")
+    for key, arr in iter_state_dict(getattr(sd, comp)):
+        yield prefix + key, arr
+    if prefix + POSITION_IDS in info.get("dtypes", {}):
+        yield prefix + POSITION_IDS, np.arange(sd.config.text_encoder.max_position_embeddings)[None]
+
+
+def _write_diffusers(sd: StableDiffusion, root: Path, dtype: Any) -> None:
+    _write_configs_and_tokenizer(sd, root)
+    for comp in COMPONENTS:
+        safefiles.write_safetensors(
+            root / comp / WEIGHT_FILES[comp],
+            _component_header(sd, comp, dtype),
+            lambda comp=comp: _component_tensors(sd, comp),
+        )
+
+
+def _compvis_table(sd: StableDiffusion) -> list[tuple[str, str, str]]:
+    return compvis_key_map(
+        sd.config.unet.to_dict(), sd.config.vae.to_dict(), sd.config.text_encoder.to_dict()
+    )
+
+
+def _write_single_file(sd: StableDiffusion, path: Path, dtype: Any) -> None:
+    """The CompVis layout through ``compvis.py``'s table, streamed one tensor at a time."""
+    table = _compvis_table(sd)
+    cfgs = (sd.config.unet.to_dict(), sd.config.vae.to_dict(), sd.config.text_encoder.to_dict())
+    shapes = diffusers_shapes(*cfgs)
+    header = []
+    for cv, df, rule in table:
+        comp, key = df.split(".", 1)
+        header.append((cv, compvis_shape(rule, shapes[df]), source_dtype(sd, comp, key, dtype)))
+    by_df = {df: (cv, rule) for cv, df, rule in table}
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for comp in COMPONENTS:
+            for key, arr in iter_state_dict(getattr(sd, comp)):
+                cv, rule = by_df[f"{comp}.{key}"]
+                yield cv, to_compvis_layout(rule, arr)
+
+    safefiles.write_safetensors(path, header, tensors)
+
+
+def _write_orbax(sd: StableDiffusion, root: Path) -> None:
+    """Configs and tokenizer as in a diffusers folder; params (memory layout and dtype) as one checkpoint."""
+    import orbax.checkpoint as ocp
+
+    _write_configs_and_tokenizer(sd, root)
+    params = {comp: nnx.to_pure_dict(nnx.state(getattr(sd, comp), nnx.Param)) for comp in COMPONENTS}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((root / ORBAX_PARAMS).resolve(), params)
+        ckptr.wait_until_finished()
+    # the source's key forms and dtypes travel along, so a later diffusers export writes them again
+    meta = {"format": "jax_erasepro.orbax", "version": 1, "source_components": sd.source.components}
+    safefiles.write_json(root / ORBAX_MARKER, meta)
+
+
+def save_pretrained(
+    sd: StableDiffusion,
+    out: str | Path,
+    *,
+    format: str = "diffusers",
+    overwrite: bool = False,
+    dtype: Any = None,
+    base: StableDiffusion | None = None,
+    edited_keys: Iterable[str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    lora_rtol: float = 1e-6,
+) -> Path:
+    """Write ``sd`` to ``out`` in ``format`` (one of FORMATS); returns the written path.
+
+    ``dtype`` overrides the source dtypes (diffusers/single_file). ``delta`` and ``lora`` need ``base``
+    (the unedited model) and take the changed tensors from an exact comparison with it, or ``edited_keys``
+    (``"unet.<diffusers key>"`` etc.); ``metadata`` (e.g. ``{"method": "uce"}``) is recorded beside them;
+    ``lora_rtol`` is the relative Frobenius error allowed per LoRA factorisation. Atomic; never overwrites
+    the source model, nor a non-empty ``out`` unless ``overwrite``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r} (one of {', '.join(FORMATS)})")
+    if format in ("delta", "lora") and base is None:
+        raise ValueError(f"format={format!r} needs base= (the model the edit started from)")
+    protected = [p for p in (sd.source.path, base.source.path if base else None) if p]
+    dest = Path(out)
+    for p in protected or [None]:
+        dest = safefiles.check_destination(Path(out), p, overwrite)
+    if format == "single_file" and dest.suffix != ".safetensors":
+        raise ValueError(f"a single file is written as .safetensors, got {dest.name!r}")
+    with safefiles.atomic_output(dest, is_dir=format != "single_file") as tmp:
+        if format == "diffusers":
+            _write_diffusers(sd, tmp, dtype)
+        elif format == "single_file":
+            _write_single_file(sd, tmp, dtype)
+        elif format == "orbax":
+            _write_orbax(sd, tmp)
+        elif format == "delta":
+            write_delta(sd, base, tmp, edited_keys=edited_keys, metadata=metadata)
+        else:
+            write_lora(sd, base, tmp, edited_keys=edited_keys, metadata=metadata, rtol=lora_rtol)
+    return dest

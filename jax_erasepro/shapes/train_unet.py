@@ -1,0 +1,193 @@
+"""shapes-sd's denoiser: a small SD v1-style ``UNet2DConditionModel`` on 8x8x4 latents of fresh renders.
+
+Epsilon prediction under SD's scaled-linear schedule, conditioned on the frozen text tower of our shapes
+CLIP; 10% of captions are dropped to "" so that classifier-free guidance works. The frozen VAE and text
+encoder run in the batch function (one jitted call, on the loop's prefetch thread), so the training step
+differentiates the UNet alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+from transformers import CLIPTokenizer
+
+from jax_erasepro.loading import TEXT_PREFIX, SafetensorsReader
+from jax_erasepro.models.clip import CLIPConfig, CLIPTextModel
+from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+from jax_erasepro.models.vae import AutoencoderKL
+from jax_erasepro.saving import DIFFUSERS_VERSION
+from jax_erasepro.schedulers import SchedulerConfig, add_noise
+from jax_erasepro.shapes.render import make_batch
+from jax_erasepro.shapes.train_clip import TOKENIZER_DIR, _log_line
+from jax_erasepro.shapes.train_vae import WEIGHTS, load_vae, pixels, sample_latents
+from jax_erasepro.tiny import SD_SCHEDULER
+from jax_erasepro.tokenizer import load_tokenizer, tokenize
+from jax_erasepro.training import TrainConfig, train
+from jax_erasepro.weights import load_state_dict, num_params, to_state_dict
+
+SCHEDULER = SchedulerConfig.from_dict({"_class_name": "PNDMScheduler", **SD_SCHEDULER})
+P_UNCOND = 0.1  # captions replaced by "" (the unconditional prompt of classifier-free guidance)
+# The pipelines always feed all 77 token states (padding included), so training sees the same.
+TEXT_TOKENS = 77
+
+
+def unet_config(size: str = "small", cross_attention_dim: int = 128) -> UNet2DConditionConfig:
+    """SD v1's block layout on 8x8 latents (8 -> 4 -> 2): ``small`` (~8.8M params) or ``tiny`` for tests.
+
+    ``cross_attention_dim`` is the text encoder's width (128 for train_clip's small CLIP).
+    """
+    chans, heads, groups = {"small": ((64, 128, 192), 4, 32), "tiny": ((16, 32), 2, 8)}[size]
+    n = len(chans)
+    return UNet2DConditionConfig(
+        sample_size=8,
+        block_out_channels=chans,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=heads,  # the number of heads (diffusers' name)
+        norm_num_groups=groups,
+    )
+
+
+def train_config(out: str | Path, steps: int = 20_000, seed: int = 0) -> TrainConfig:
+    """The recipe, after train_vae and train_clip (seed 0) have exported their folders:
+
+    python -m jax_erasepro.shapes.train_unet --out runs/shapes-unet --steps 20000 \
+        --vae runs/shapes-vae/vae --text-encoder runs/shapes-clip-text
+    """
+    return TrainConfig(
+        steps=steps, batch_size=128, lr=3e-4, warmup_steps=min(500, steps // 10), end_lr_ratio=0.1,
+        weight_decay=0.01, grad_clip=1.0, seed=seed, log_every=50, ckpt_every=250,
+        ckpt_dir=str(Path(out) / "ckpt"), ema_decay=0.999,
+    )
+
+
+def load_text_encoder(clip_dir: str | Path) -> CLIPTextModel:
+    """The text tower of a folder ``train_clip.export`` wrote (a transformers CLIPModel)."""
+    clip_dir = Path(clip_dir)
+    config = CLIPConfig.from_json(clip_dir / "config.json").text_config
+    reader = SafetensorsReader(clip_dir / "model.safetensors")
+    keys = {k[len(TEXT_PREFIX) :] for k in reader.keys if k.startswith(TEXT_PREFIX)}
+    abstract = nnx.eval_shape(lambda: CLIPTextModel(config, rngs=nnx.Rngs(0)))
+    # position_ids: a buffer some transformers versions write
+    return load_state_dict(
+        abstract, lambda k: reader[TEXT_PREFIX + k], keys, source=str(reader.path),
+        ignore=lambda k: k == "embeddings.position_ids",
+    )
+
+
+def frozen_encoder(
+    vae: AutoencoderKL, text_encoder: CLIPTextModel
+) -> Callable[[np.ndarray, np.ndarray, jax.Array], tuple[jax.Array, jax.Array]]:
+    """(uint8 images, token ids, key) -> (posterior-sampled latents x scaling_factor, text states), jitted."""
+    vae_def, vae_params = nnx.split(vae)
+    text_def, text_params = nnx.split(text_encoder)
+    scale = vae.config.scaling_factor
+
+    @jax.jit
+    def encode(vae_params, text_params, images, ids, key):
+        mean, logvar = nnx.merge(vae_def, vae_params).encode(pixels(images))
+        return scale * sample_latents(mean, logvar, key), nnx.merge(text_def, text_params)(ids)
+
+    return lambda images, ids, key: encode(vae_params, text_params, images, ids, key)
+
+
+def unet_batches(
+    encode: Callable[[np.ndarray, np.ndarray, jax.Array], tuple[jax.Array, jax.Array]],
+    tokenizer: CLIPTokenizer,
+    batch_size: int,
+    seed: int,
+) -> Callable[[int], dict[str, jax.Array]]:
+    """step -> latents and text states of fresh train renders, ``P_UNCOND`` of the captions set to ""."""
+
+    def batch(step: int) -> dict[str, jax.Array]:
+        images, captions, _ = make_batch(seed * 1_000_000 + step, batch_size, "train")
+        drop = np.random.default_rng((seed, step)).random(batch_size) < P_UNCOND
+        captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
+        ids = tokenize(tokenizer, captions, max_length=TEXT_TOKENS)
+        key = jax.random.fold_in(jax.random.key(seed + 1), step)  # not the step's own key stream
+        latents, context = encode(images, ids, key)
+        return {"latents": latents, "context": context}
+
+    return batch
+
+
+def diffusion_loss(
+    unet: UNet2DConditionModel, batch: dict[str, jax.Array], key: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SD's objective: MSE between the true and predicted noise at uniformly drawn training timesteps."""
+    x0, context = batch["latents"], batch["context"]
+    t_key, n_key = jax.random.split(key)
+    t = jax.random.randint(t_key, (x0.shape[0],), 0, SCHEDULER.num_train_timesteps)
+    noise = jax.random.normal(n_key, x0.shape, x0.dtype)
+    eps = unet(add_noise(SCHEDULER, x0, noise, t), t, context)
+    loss = jnp.mean(jnp.square(eps - noise))
+    return loss, {"latent_std": jnp.std(x0)}
+
+
+def export(unet: UNet2DConditionModel, out: str | Path) -> Path:
+    """Write a diffusers ``unet/`` folder (config.json, fp32 safetensors)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
+              **unet.config.to_dict()}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(to_state_dict(unet), str(out / WEIGHTS), metadata={"format": "pt"})
+    return out
+
+
+def load_unet(folder: str | Path) -> UNet2DConditionModel:
+    """A ``unet/`` folder that ``export`` wrote -> our module."""
+    folder = Path(folder)
+    config = UNet2DConditionConfig.from_json(folder / "config.json")
+    reader = SafetensorsReader(folder / WEIGHTS)
+    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
+    return load_state_dict(abstract, reader.__getitem__, reader.keys, source=str(folder / WEIGHTS))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: train (or resume) the shapes UNet on the frozen VAE and text encoder, export it to OUT/unet."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", required=True, help="run folder: OUT/ckpt, export in OUT/unet")
+    parser.add_argument("--vae", required=True, help="the trained VAE's folder (train_vae's OUT/vae)")
+    parser.add_argument("--text-encoder", required=True, help="the exported shapes CLIP (train_clip's OUT)")
+    parser.add_argument("--steps", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue the run OUT/ckpt holds")
+    parser.add_argument("--size", choices=("small", "tiny"), default="small")
+    parser.add_argument("--batch-size", type=int, help="override the recipe's 128")
+    args = parser.parse_args(argv)
+
+    config = train_config(args.out, args.steps, args.seed)
+    if args.batch_size:
+        config = dataclasses.replace(config, batch_size=args.batch_size)
+    ckpt = Path(config.ckpt_dir)
+    if ckpt.exists() and any(ckpt.iterdir()) and not args.resume:
+        parser.error(f"{ckpt} already holds a run: pass --resume to continue it, or choose another --out")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    vae, text_encoder = load_vae(args.vae), load_text_encoder(args.text_encoder)
+    unet = UNet2DConditionModel(
+        unet_config(args.size, text_encoder.config.hidden_size), rngs=nnx.Rngs(args.seed)
+    )
+    print(f"UNet {args.size}: {num_params(unet) / 1e6:.2f}M params; {config}")
+    encode = frozen_encoder(vae, text_encoder)
+    batches = unet_batches(encode, load_tokenizer(TOKENIZER_DIR), config.batch_size, args.seed)
+    with open(Path(args.out) / "log.jsonl", "a") as log:
+        train(unet, diffusion_loss, batches, config, on_log=functools.partial(_log_line, log))
+    export(unet, Path(args.out) / "unet")
+
+
+if __name__ == "__main__":
+    main()

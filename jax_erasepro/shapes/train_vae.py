@@ -1,0 +1,182 @@
+"""shapes-sd's image autoencoder: a small factor-8 ``AutoencoderKL`` trained on fresh 64 px renders.
+
+Loss: L1 + L2 reconstruction plus a small KL, no LPIPS or GAN: the scenes are flat-coloured shapes with
+sharp edges and simple textures that a pixel loss reconstructs well, LPIPS needs pretrained VGG weights
+we do not have, and a GAN would double the step cost and add instability to a CPU-budget run.
+After training, ``scaling_factor`` is set to 1/std of the latents over a sample (SD's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from jax_erasepro.loading import SafetensorsReader
+from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
+from jax_erasepro.saving import DIFFUSERS_VERSION
+from jax_erasepro.shapes.render import make_batch
+from jax_erasepro.shapes.train_clip import _log_line
+from jax_erasepro.training import TrainConfig, train
+from jax_erasepro.weights import load_state_dict, num_params, to_state_dict
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+KL_WEIGHT = 1e-6  # per latent element, relative to a per-pixel reconstruction loss (SD uses 1e-6 too)
+
+
+def vae_config(size: str = "small") -> AutoencoderKLConfig:
+    """Four blocks (factor 8: 64 px -> 8x8x4 latents): ``small`` (2.7M params) or ``tiny`` for tests.
+
+    Narrow at full resolution: 64 px convs cost most of the FLOPs (32 channels there was 4x slower)."""
+    chans, groups = {"small": ((16, 32, 64, 128), 8), "tiny": ((8, 8, 16, 16), 4)}[size]
+    return AutoencoderKLConfig(
+        block_out_channels=chans,
+        down_block_types=("DownEncoderBlock2D",) * len(chans),
+        up_block_types=("UpDecoderBlock2D",) * len(chans),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=groups,
+        sample_size=64,
+    )
+
+
+def train_config(out: str | Path, steps: int = 10_000, seed: int = 0) -> TrainConfig:
+    """The recipe:
+
+    python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae --steps 10000
+    """
+    return TrainConfig(
+        steps=steps, batch_size=32, lr=4e-4, warmup_steps=min(500, steps // 10), end_lr_ratio=0.05,
+        weight_decay=0.0, grad_clip=1.0, seed=seed, log_every=50, ckpt_every=250,
+        ckpt_dir=str(Path(out) / "ckpt"),
+    )
+
+
+def pixels(images: np.ndarray | jax.Array) -> jax.Array:
+    """uint8 (B, H, W, 3) -> float32 in [-1, 1], the VAE's input range."""
+    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+
+
+def vae_batches(batch_size: int, seed: int) -> Callable[[int], dict[str, np.ndarray]]:
+    """step -> a fresh batch of train-split renders (captions unused)."""
+
+    def batch(step: int) -> dict[str, np.ndarray]:
+        return {"images": make_batch(seed * 1_000_000 + step, batch_size, "train")[0]}
+
+    return batch
+
+
+def sample_latents(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
+    """A draw from the diagonal Gaussian posterior (diffusers' ``latent_dist.sample()``)."""
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+
+
+def vae_loss(
+    model: AutoencoderKL, batch: dict[str, jax.Array], key: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """L1 + L2 reconstruction of a posterior sample, plus ``KL_WEIGHT`` x KL per latent element."""
+    x = pixels(batch["images"])
+    mean, logvar = model.encode(x)
+    recon = model.decode(sample_latents(mean, logvar, key))
+    l1, l2 = jnp.mean(jnp.abs(recon - x)), jnp.mean(jnp.square(recon - x))
+    kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+    return l1 + l2 + KL_WEIGHT * kl, {"l1": l1, "l2": l2, "kl": kl}
+
+
+@nnx.jit
+def _posterior(model: AutoencoderKL, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return model.encode(pixels(images))
+
+
+@nnx.jit
+def _reconstruct(model: AutoencoderKL, images: jax.Array) -> jax.Array:
+    """uint8 images -> uint8 reconstructions from the posterior mean, rounded as the pipeline does."""
+    out = model.decode(model.encode(pixels(images))[0])
+    return jnp.round(jnp.clip(out / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+
+def latent_scaling_factor(model: AutoencoderKL, n: int = 2048, seed: int = 7, chunk: int = 256) -> float:
+    """1 / std of posterior samples over n train renders: SD's ``scaling_factor`` (unit-variance latents)."""
+    key, draws = jax.random.key(seed), []
+    for k in range(0, n, chunk):
+        images = make_batch(seed * 1_000_000 + k, min(chunk, n - k), "train")[0]
+        mean, logvar = _posterior(model, images)
+        draws.append(np.asarray(sample_latents(mean, logvar, jax.random.fold_in(key, k))))
+    return float(1.0 / np.std(np.concatenate(draws)))
+
+
+def psnr(model: AutoencoderKL, n: int = 1000, seed: int = 0, chunk: int = 250) -> float:
+    """Reconstruction PSNR (dB, uint8 scale) over n held-out test-split renders."""
+    images = make_batch(seed, n, "test")[0]
+    recon = np.concatenate([_reconstruct(model, images[k : k + chunk]) for k in range(0, n, chunk)])
+    return psnr_of(recon, images)
+
+
+def psnr_of(recon: np.ndarray, images: np.ndarray) -> float:
+    """PSNR in dB of uint8 ``recon`` against uint8 ``images`` (inf when equal)."""
+    mse = np.mean(np.square(recon.astype(np.float64) - images.astype(np.float64)))
+    return float(10 * np.log10(255.0**2 / mse)) if mse else float("inf")
+
+
+def export(model: AutoencoderKL, out: str | Path) -> Path:
+    """Write a diffusers ``vae/`` folder (config.json with the model's scaling_factor, fp32 safetensors)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    version = {"_diffusers_version": DIFFUSERS_VERSION}
+    config = {"_class_name": "AutoencoderKL", **version, **model.config.to_dict()}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(to_state_dict(model), str(out / WEIGHTS), metadata={"format": "pt"})
+    return out
+
+
+def load_vae(folder: str | Path) -> AutoencoderKL:
+    """A ``vae/`` folder that ``export`` wrote (or any diffusers AutoencoderKL folder) -> our module."""
+    folder = Path(folder)
+    config = AutoencoderKLConfig.from_json(folder / "config.json")
+    reader = SafetensorsReader(folder / WEIGHTS)
+    abstract = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
+    return load_state_dict(abstract, reader.__getitem__, reader.keys, source=str(folder / WEIGHTS))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: train (or resume) the shapes VAE, set its scaling_factor, export it to --out, print its PSNR."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", required=True, help="run folder: checkpoints in OUT/ckpt, export in OUT/vae")
+    parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue the run OUT/ckpt holds")
+    parser.add_argument("--size", choices=("small", "tiny"), default="small")
+    parser.add_argument("--batch-size", type=int, help="override the recipe's 32")
+    parser.add_argument("--eval-n", type=int, default=1000, help="held-out renders for the PSNR")
+    args = parser.parse_args(argv)
+
+    config = train_config(args.out, args.steps, args.seed)
+    if args.batch_size:
+        config = dataclasses.replace(config, batch_size=args.batch_size)
+    ckpt = Path(config.ckpt_dir)
+    if ckpt.exists() and any(ckpt.iterdir()) and not args.resume:
+        parser.error(f"{ckpt} already holds a run: pass --resume to continue it, or choose another --out")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    model = AutoencoderKL(vae_config(args.size), rngs=nnx.Rngs(args.seed))
+    print(f"VAE {args.size}: {num_params(model) / 1e6:.2f}M params; {config}")
+    with open(Path(args.out) / "log.jsonl", "a") as log:
+        train(model, vae_loss, vae_batches(config.batch_size, args.seed), config,
+              on_log=functools.partial(_log_line, log))
+    model.config = dataclasses.replace(model.config, scaling_factor=latent_scaling_factor(model))
+    export(model, Path(args.out) / "vae")
+    scores = {"psnr_db": psnr(model, args.eval_n), "scaling_factor": model.config.scaling_factor}
+    (Path(args.out) / "eval.json").write_text(json.dumps(scores, indent=2) + "\n")
+    print("held-out reconstruction:", json.dumps(scores))
+
+
+if __name__ == "__main__":
+    main()

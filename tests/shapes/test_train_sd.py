@@ -1,0 +1,119 @@
+"""shapes-sd end to end on tiny configs: train the VAE, then the UNet on it, build the folder, and check
+that our pipeline and diffusers load it and draw the same image."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from flax import nnx
+from safetensors import safe_open
+
+from jax_erasepro.loading import load_pretrained
+from jax_erasepro.models.clip import CLIPModel
+from jax_erasepro.pipeline import generate
+from jax_erasepro.shapes import build as sb
+from jax_erasepro.shapes import train_clip as tc
+from jax_erasepro.shapes import train_unet as tu
+from jax_erasepro.shapes import train_vae as tv
+from jax_erasepro.tokenizer import load_tokenizer, tokenize
+from jax_erasepro.training import TrainConfig, train
+from jax_erasepro.weights import num_params, to_state_dict
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A few steps of each tiny model, exported the way the CLIs do, and the built shapes-sd folder."""
+    root = tmp_path_factory.mktemp("shapes-sd")
+    vae = tv.AutoencoderKL(tv.vae_config("tiny"), rngs=nnx.Rngs(0))
+    logs = []
+    train(vae, tv.vae_loss, tv.vae_batches(4, 0), TrainConfig(steps=3, log_every=1),
+          on_log=lambda s, m: logs.append(m))
+    assert all(np.isfinite(m["loss"]) and m["kl"] >= 0 for m in logs)
+    vae.config = dataclasses.replace(vae.config, scaling_factor=tv.latent_scaling_factor(vae, n=64, chunk=32))
+    tv.export(vae, root / "vae")
+    tc.export(CLIPModel(tc.clip_config("tiny"), rngs=nnx.Rngs(1)), root / "clip")
+
+    text_encoder = tu.load_text_encoder(root / "clip")
+    unet = tu.UNet2DConditionModel(tu.unet_config("tiny", text_encoder.config.hidden_size), rngs=nnx.Rngs(2))
+    encode = tu.frozen_encoder(tv.load_vae(root / "vae"), text_encoder)
+    batches = tu.unet_batches(encode, load_tokenizer(tc.TOKENIZER_DIR), 4, 0)
+    train(unet, tu.diffusion_loss, batches, TrainConfig(steps=3, log_every=1, ema_decay=0.9))
+    tu.export(unet, root / "unet")
+    sb.build(root / "vae", root / "unet", root / "clip", root / "sd")
+    return root
+
+
+def test_small_models_fit_the_budget():
+    """shapes-sd's VAE and UNet in fp16 take at most the ~28 MB the two CLIPs leave of 60 MB."""
+    vae = nnx.eval_shape(lambda: tv.AutoencoderKL(tv.vae_config("small"), rngs=nnx.Rngs(0)))
+    unet = nnx.eval_shape(lambda: tu.UNet2DConditionModel(tu.unet_config("small"), rngs=nnx.Rngs(0)))
+    assert 2 * (num_params(vae) + num_params(unet)) <= 28e6
+    assert len(vae.config.block_out_channels) == 4  # factor 8: 64 px -> 8x8 latents
+    assert unet.config.cross_attention_dim == tc.clip_config("small").text_config.hidden_size
+
+
+def test_scaling_factor_gives_unit_variance_latents(folders):
+    vae = tv.load_vae(folders / "vae")
+    assert vae.config.scaling_factor != tv.AutoencoderKLConfig().scaling_factor  # computed, not SD's
+    images = tv.make_batch(123, 64, "train")[0]  # renders the factor was not computed on
+    mean, logvar = tv._posterior(vae, images)
+    z = vae.config.scaling_factor * tv.sample_latents(mean, logvar, jax.random.key(5))
+    assert 0.7 < float(np.std(z)) < 1.4
+
+
+def test_exports_round_trip(folders):
+    vae, unet = tv.load_vae(folders / "vae"), tu.load_unet(folders / "unet")
+    again = tv.load_vae(tv.export(vae, folders / "vae-again"))
+    for a, b in zip(to_state_dict(vae).values(), to_state_dict(again).values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert again.config == vae.config
+    assert tu.load_unet(tu.export(unet, folders / "unet-again")).config == unet.config
+
+
+def test_psnr_of_a_perfect_and_a_constant_reconstruction():
+    images = tv.make_batch(0, 8, "test")[0]
+    assert tv.psnr_of(images, images) == np.inf
+    grey = np.full_like(images, 128)
+    expected = 10 * np.log10(255.0**2 / np.mean((images.astype(float) - 128) ** 2))
+    assert tv.psnr_of(grey, images) == pytest.approx(expected)
+
+
+def test_caption_dropout_and_batch_determinism():
+    """About P_UNCOND of the captions become "" (BOS, EOS, padding), and a step's batch is reproducible."""
+    tokenizer = load_tokenizer(tc.TOKENIZER_DIR)
+    empty = tokenize(tokenizer, [""], max_length=tu.TEXT_TOKENS)[0]
+    batches = tu.unet_batches(lambda images, ids, key: (images, ids), tokenizer, 100, 0)
+    ids = np.concatenate([batches(s)["context"] for s in range(10)])
+    assert ids.shape[1] == tu.TEXT_TOKENS
+    dropped = np.all(ids == empty, axis=1).mean()
+    assert 0.05 < dropped < 0.15
+    np.testing.assert_array_equal(batches(3)["latents"], batches(3)["latents"])
+
+
+def test_built_folder_is_fp16_and_loads_in_our_pipeline(folders):
+    sd = load_pretrained(folders / "sd")
+    index = json.loads((folders / "sd" / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "PNDMScheduler"]
+    with safe_open(folders / "sd" / "unet" / "diffusion_pytorch_model.safetensors", "np") as f:
+        keys = f.keys()
+        assert {str(f.get_slice(k).get_dtype()) for k in keys} == {"F16"}
+    assert sd.config.vae.scaling_factor == tv.load_vae(folders / "vae").config.scaling_factor
+    images = generate(sd, ["a red star", "a blue circle on the left"], num_inference_steps=3)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+
+
+def test_diffusers_draws_the_same_image(folders):
+    sd = load_pretrained(folders / "sd")
+    pipe = StableDiffusionPipeline.from_pretrained(folders / "sd", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, height=64, width=64)
+    ours = generate(sd, "a big green heart", latents=latents, **kw)
+    with torch.no_grad():
+        ref = pipe("a big green heart", latents=torch.from_numpy(latents), output_type="np", **kw).images
+    ref = (ref * 255).round().astype(np.uint8)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 2
