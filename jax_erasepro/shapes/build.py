@@ -7,12 +7,14 @@ diffusers' ``StableDiffusionPipeline.from_pretrained``; its scheduler is SD's PN
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jax_erasepro import safefiles
 from jax_erasepro.pipeline import SDConfig, StableDiffusion
 from jax_erasepro.saving import save_pretrained
 from jax_erasepro.shapes.train_clip import TOKENIZER_DIR
@@ -43,8 +45,15 @@ def build(
     dtype: Any = np.float16,
     overwrite: bool = False,
 ) -> Path:
-    """Write shapes-sd's diffusers folder to ``out`` (weights in ``dtype``); returns its path."""
-    return save_pretrained(assemble(vae_dir, unet_dir, clip_dir), out, dtype=dtype, overwrite=overwrite)
+    """Write shapes-sd's diffusers folder to ``out`` (weights in ``dtype``); returns its path.
+
+    The text encoder's config asks for float32: transformers otherwise computes in the file's dtype
+    while diffusers upcasts the UNet, and a default-dtype pipeline would fail on the mismatch.
+    """
+    out = save_pretrained(assemble(vae_dir, unet_dir, clip_dir), out, dtype=dtype, overwrite=overwrite)
+    config = out / "text_encoder" / "config.json"
+    safefiles.write_json(config, json.loads(config.read_text()) | {"dtype": "float32"})
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
