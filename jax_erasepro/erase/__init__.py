@@ -10,6 +10,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jax_erasepro.erase.blas import single_threaded_blas
 from jax_erasepro.erase.columns import EraseError
 from jax_erasepro.erase.erasepro import DEFAULT_PROMPTS, IMPLICIT_PRESETS, erase_erasepro
 from jax_erasepro.erase.report import EraseReport
@@ -115,7 +116,8 @@ def erase(
     unknown = sorted(set(options) - _accepted(fn))
     if unknown:
         raise EraseError(f"unknown option(s) for method {method!r}: {', '.join(unknown)}")
-    return fn(sd, targets, anchors, preserve, prompts, **options)
+    with single_threaded_blas():  # jaxlib's CPU LAPACK: see blas.py
+        return fn(sd, targets, anchors, preserve, prompts, **options)
 
 
 __all__ = ["DEFAULT_PROMPTS", "METHODS", "EraseError", "EraseReport", "erase"]

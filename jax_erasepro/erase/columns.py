@@ -9,6 +9,10 @@ padding with padding; a longer target's extra leading concept tokens all pair wi
 concept token, and a shorter target's last padding positions pair with the anchor's last one.
 Columns are deduplicated exactly: the text encoder is causal, so a position's features depend only on the
 token ids up to it, and two columns with the same (target ids, anchor ids) prefixes are the same column.
+Preservation wins conflicts: a target column with the same ids prefix as a preserved prompt's position has
+the same input at every layer but another output, so it is dropped (``conflicts``); one with the same
+(token, position) has the same input at the first encoder layer only (token + position embedding; CLIP pads
+with EOS, so a target's shifted EOS meets a preserved prompt's padding), so it is soft there.
 """
 
 from __future__ import annotations
@@ -85,8 +89,10 @@ class Columns:
     y_row: np.ndarray
     y_pos: np.ndarray
     kind: np.ndarray  # (N,) one of CONCEPT, PRESERVE, PREFIX, PADDING
+    embedding_conflict: np.ndarray  # (N,) bool: same layer-0 input as a preserved column, another output
     pairs: tuple[dict[str, Any], ...]  # per target prompt: texts and paired positions (for the report)
     duplicates: int  # columns dropped as exact duplicates
+    conflicts: int  # target columns dropped for a preserved column with the same ids prefix
 
     @property
     def n(self) -> int:
@@ -163,8 +169,14 @@ def build_columns(
             for p in range(stop):
                 kind = PREFIX if p < pr.start else PRESERVE if p <= pr.eos else PADDING
                 offer(pr.ids, p, pr.ids, p, kind, p)
-    ordered = sorted(entries.values(), key=lambda e: e[0])
-    cols = np.array([e[1:] for e in ordered], np.int32).reshape(-1, 5)
+    preserved = {k[0] for k, e in entries.items() if k[0] == k[1]}  # x = y: a position held in place
+    first_layer = {(ids[-1], len(ids)) for ids in preserved}
+    conflicts = [k for k in entries if k[0] != k[1] and k[0] in preserved]
+    for k in conflicts:
+        del entries[k]
+    ordered = sorted(entries.items(), key=lambda e: e[1][0])
+    clash = np.array([k[0] != k[1] and (k[0][-1], len(k[0])) in first_layer for k, _ in ordered], bool)
+    cols = np.array([e[1:] for _, e in ordered], np.int32).reshape(-1, 5)
     return Columns(
         x_ids=x_rows.array(max_length),
         y_ids=y_rows.array(max_length),
@@ -173,6 +185,8 @@ def build_columns(
         y_row=cols[:, 2],
         y_pos=cols[:, 3],
         kind=cols[:, 4],
+        embedding_conflict=clash,
         pairs=tuple(pairs),
-        duplicates=offered - len(ordered),
+        duplicates=offered - len(ordered) - len(conflicts),
+        conflicts=len(conflicts),
     )

@@ -37,25 +37,45 @@ STAGES = ("all", "text_encoder", "unet")
 REST = len(KINDS)  # group index of the compressed least-squares columns
 
 
-def _compress(fx: jax.Array, fy: jax.Array, n_hard: int) -> tuple[jax.Array, jax.Array]:
-    """(N, d) row features -> (d, K) columns: the first ``n_hard`` kept, the rest mixed into <= 2d columns."""
+COLUMN_BUCKET = 64  # column counts are padded to a multiple of this (masked columns)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_rows(ids: np.ndarray) -> np.ndarray:
+    """Token rows padded with zero rows to a power of two up to 8, then to a multiple of 8."""
+    n = ids.shape[0]
+    rows = 1 << (n - 1).bit_length() if n <= 8 else _round_up(n, 8)
+    return np.pad(ids, ((0, rows - n), (0, 0)))
+
+
+def _compress(fx: jax.Array, fy: jax.Array, n_cand: int) -> tuple[jax.Array, jax.Array]:
+    """(N, d) row features -> (d, K) columns: the first ``n_cand`` kept, the rest mixed into <= 2d columns."""
     x, y = fx.T, fy.T
-    if n_hard >= fx.shape[0]:
+    if n_cand >= fx.shape[0]:
         return x, y
-    rest = jnp.concatenate([fx[n_hard:], fy[n_hard:]], axis=1)  # (N - n_hard, 2d) = M^T
+    rest = jnp.concatenate([fx[n_cand:], fy[n_cand:]], axis=1)  # (N - n_cand, 2d) = M^T
     r = jnp.linalg.qr(rest, mode="r")  # M = r^T Q^T, so ||A M||_F = ||A r^T||_F
     d = fx.shape[1]
-    return jnp.concatenate([x[:, :n_hard], r[:, :d].T], 1), jnp.concatenate([y[:, :n_hard], r[:, d:].T], 1)
+    return jnp.concatenate([x[:, :n_cand], r[:, :d].T], 1), jnp.concatenate([y[:, :n_cand], r[:, d:].T], 1)
 
 
 def _solve(
-    w_o: jax.Array, fx: jax.Array, fy: jax.Array, kind: jax.Array, n_hard: int, rcond: float
+    w_o: jax.Array,
+    x: jax.Array,
+    y: jax.Array,
+    kind: jax.Array,
+    requested: jax.Array,
+    feature_distance: jax.Array,
+    rcond: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Edit the (B, d_out, d_in) weights ``w_o`` so that W fx_j = W_o fy_j, with metrics for the report."""
-    x, y = _compress(fx, fy, n_hard)
-    k = x.shape[1]
-    groups = jnp.concatenate([kind[:n_hard], jnp.full(k - n_hard, REST, kind.dtype)])
-    w, rep = erasepro_solve(w_o, x, y, rcond=rcond, candidates=min(n_hard, k))
+    """Edit the (B, d_out, d_in) weights ``w_o`` so that W x_j = W_o y_j, with metrics for the report."""
+    n_cand, k = requested.shape[0], x.shape[1]
+    groups = jnp.concatenate([kind, jnp.full(k - n_cand, REST, kind.dtype)])
+    hard = jnp.concatenate([requested, jnp.zeros(k - n_cand, bool)])
+    w, rep = erasepro_solve(w_o, x, y, hard=hard, rcond=rcond, candidates=n_cand)
     before_sq = jnp.sum((w_o @ (x - y)) ** 2, -2)  # (B, K)
 
     def rel(num: jax.Array, mask: jax.Array) -> jax.Array:
@@ -63,10 +83,6 @@ def _solve(
         return jnp.sqrt(jnp.sum(jnp.where(mask, num, 0), -1) / jnp.maximum(den, jnp.finfo(den.dtype).tiny))
 
     everything = jnp.ones(k, bool)
-    target = (kind == CONCEPT) | (kind == PADDING)
-    dist = jnp.sqrt(
-        jnp.sum(jnp.where(target[:, None], (fx - fy) ** 2, 0)) / jnp.sum(jnp.where(target[:, None], fy**2, 0))
-    )
     metrics = {
         "residual_before": rel(before_sq, everything),
         "residual_after": rel(rep.column_residual_sq, everything),
@@ -76,28 +92,33 @@ def _solve(
         "relative_change": rep.relative_change,
         "n_hard": jnp.sum(rep.hard),
         "rank": rep.rank,
-        "feature_distance": dist,
-        "finite": jnp.all(jnp.isfinite(fx)) & jnp.all(jnp.isfinite(fy)) & jnp.all(jnp.isfinite(w)),
+        "feature_distance": feature_distance,
+        "finite": jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(w)),
     }
     return w, metrics
 
 
-def _gather(h: jax.Array, rows: jax.Array, pos: jax.Array) -> jax.Array:
-    return h[rows, pos]
+def _columns(hx: jax.Array, hy: jax.Array, cols: dict[str, jax.Array], n_cand: int) -> tuple:
+    """Gathered, masked and compressed (d, K) columns of two hidden-state batches, and their distance."""
+    real = cols["real"][:, None]
+    fx = jnp.where(real, hx[cols["x_row"], cols["x_pos"]], 0)
+    fy = jnp.where(real, hy[cols["y_row"], cols["y_pos"]], 0)
+    target = ((cols["kind"] == CONCEPT) | (cols["kind"] == PADDING))[:, None]
+    dist = jnp.sqrt(jnp.sum(jnp.where(target, (fx - fy) ** 2, 0)) / jnp.sum(jnp.where(target, fy**2, 0)))
+    return *_compress(fx, fy, n_cand), dist
 
 
-@partial(jax.jit, static_argnums=0)
-def _anchor_states(graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+@partial(jax.jit, static_argnames="graphdef")
+def _anchor_states(params: nnx.State, ids: jax.Array, *, graphdef: nnx.GraphDef) -> tuple[jax.Array, ...]:
     """The original encoder on the anchor rows: (L+1, R, T, d) hidden states and the final (R, T, d)."""
     last, states = nnx.merge(graphdef, params)(ids, output_hidden_states=True)
     return states, last
 
 
 @partial(
-    jax.jit, static_argnames=("graphdef", "start", "n_hard", "rcond", "edit_text", "edit_unet", "unroll")
+    jax.jit, static_argnames=("graphdef", "start", "n_cand", "rcond", "edit_text", "edit_unet", "unroll")
 )
 def _progressive(
-    graphdef: nnx.GraphDef,
     params: nnx.State,
     unet_weights: tuple[jax.Array, ...],
     x_ids: jax.Array,
@@ -105,8 +126,9 @@ def _progressive(
     y_last: jax.Array,
     cols: dict[str, jax.Array],
     *,
+    graphdef: nnx.GraphDef,
     start: int,
-    n_hard: int,
+    n_cand: int,
     rcond: float,
     edit_text: bool,
     edit_unet: bool,
@@ -118,36 +140,51 @@ def _progressive(
     h = te.embeddings(x_ids)
     head = jax.tree.map(lambda a: a[:start], stacked)
     h, _ = jax.lax.scan(lambda h, p: (nnx.merge(layer_def, p)(h), None), h, head)
+    kind, requested = cols["kind"][:n_cand], cols["requested"][:n_cand]
+    # layer 0 sees (token, position) only: target columns sharing one with a preserved column yield there
+    first_soft = cols["embedding_conflict"][:n_cand] & (start == 0)
 
     def step(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
-        layer_params, hy = xs
+        layer_params, hy, first = xs
         layer = nnx.merge(layer_def, layer_params)
-        fx = _gather(layer.attn_input(h), cols["x_row"], cols["x_pos"])
-        fy = _gather(layer.attn_input(hy), cols["y_row"], cols["y_pos"])
+        x, y, dist = _columns(layer.attn_input(h), layer.attn_input(hy), cols, n_cand)
         projs = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
         w_o = jnp.stack([p.kernel[...].T for p in projs])
-        w, metrics = _solve(w_o, fx, fy, cols["kind"], n_hard, rcond)
+        w, metrics = _solve(w_o, x, y, kind, requested & ~(first & first_soft), dist, rcond)
         for p, wi in zip(projs, w, strict=True):
             p.kernel.value = wi.T
         return layer(h), (jnp.swapaxes(w, -1, -2), metrics)
 
     qkv, text_metrics = None, {}
+    n_tail = y_states.shape[0] - 1 - start
     if edit_text:
         tail = jax.tree.map(lambda a: a[start:], stacked)
-        h, (qkv, text_metrics) = jax.lax.scan(step, h, (tail, y_states[start:-1]), unroll=unroll)
+        xs = (tail, y_states[start:-1], jnp.arange(n_tail) == 0)
+        h, (qkv, text_metrics) = jax.lax.scan(step, h, xs, unroll=unroll)
     else:
         h, _ = jax.lax.scan(
             lambda h, p: (nnx.merge(layer_def, p)(h), None), h, jax.tree.map(lambda a: a[start:], stacked)
         )
-    fx = _gather(te.final_layer_norm(h), cols["x_row"], cols["x_pos"])
-    fy = _gather(y_last, cols["y_row"], cols["y_pos"])
     new_unet, unet_metrics = [], []
     if edit_unet:
+        x, y, dist = _columns(te.final_layer_norm(h), y_last, cols, n_cand)  # shared by every bucket
         for kernels in unet_weights:  # one bucket: (n, d_in, d_out) kernels of the same shape
-            w, metrics = _solve(jnp.swapaxes(kernels, -1, -2), fx, fy, cols["kind"], n_hard, rcond)
+            w, metrics = _solve(jnp.swapaxes(kernels, -1, -2), x, y, kind, requested, dist, rcond)
             new_unet.append(jnp.swapaxes(w, -1, -2))
             unet_metrics.append(metrics)
     return qkv, tuple(new_unet), text_metrics, unet_metrics
+
+
+_COMPILED: dict[Any, Any] = {}
+
+
+def _compiled(fn: Any, *args: Any, **statics: Any) -> Any:
+    """``fn`` compiled for these argument shapes and statics, cached: equal shapes never recompile."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (fn, tree, tuple((a.shape, str(a.dtype)) for a in leaves), tuple(sorted(statics.items(), key=str)))
+    if key not in _COMPILED:
+        _COMPILED[key] = fn.lower(*args, **statics).compile()
+    return _COMPILED[key]
 
 
 def _to_host(tree: Any) -> Any:
@@ -193,29 +230,47 @@ def erase_erasepro(
     # N <= d_in: every column may be hard. Past d_in, only concept/EOS, preserved and prefix columns (padding
     # is fitted in least squares), the first d_in of them by priority.
     n_hard = cols.n if cols.n <= d_text else min(d_text, int(np.sum(cols.kind != PADDING)))
+    # Shapes are padded to buckets (masked columns, zero rows) so erasures of similar size share a program.
+    n_pad = _round_up(cols.n, COLUMN_BUCKET)
+    n_cand = min(n_pad, d_text)
     graphdef, params = nnx.split(sd.text_encoder)
     buckets = unet_cross_attention(sd.unet)
     unet_weights = tuple(b.stack() for b in buckets)
-    col_arrays = {k: jnp.asarray(getattr(cols, k)) for k in ("x_row", "x_pos", "y_row", "y_pos", "kind")}
+    col_arrays = {
+        "x_row": cols.x_row,
+        "x_pos": cols.x_pos,
+        "y_row": cols.y_row,
+        "y_pos": cols.y_pos,
+        "kind": cols.kind,
+        "real": np.ones(cols.n, bool),
+        "requested": np.arange(cols.n) < n_hard,
+        "embedding_conflict": cols.embedding_conflict,
+    }
+    col_arrays = {
+        k: jnp.asarray(np.pad(v, (0, n_pad - cols.n), constant_values=PADDING if k == "kind" else 0))
+        for k, v in col_arrays.items()
+    }
+    x_ids, y_ids = (jnp.asarray(_pad_rows(a)) for a in (cols.x_ids, cols.y_ids))
     t_prep = time.perf_counter()
 
-    anchor_fn = _anchor_states.lower(graphdef, params, jnp.asarray(cols.y_ids)).compile()
+    anchor_fn = _compiled(_anchor_states, params, y_ids, graphdef=graphdef)
     statics = dict(
         start=start_layer - 1,
-        n_hard=n_hard,
+        n_cand=n_cand,
         rcond=rcond,
         edit_text=edit_text,
         edit_unet=edit_unet,
         unroll=unroll,
+        graphdef=graphdef,
     )
-    y_shapes = jax.eval_shape(_anchor_states, graphdef, params, jnp.asarray(cols.y_ids))
-    args = (graphdef, params, unet_weights, jnp.asarray(cols.x_ids), *y_shapes, col_arrays)
-    sweep_fn = _progressive.lower(*args, **statics).compile()
+    states = (n_layers + 1, *y_ids.shape, d_text)
+    y_shapes = (jax.ShapeDtypeStruct(states, jnp.float32), jax.ShapeDtypeStruct(states[1:], jnp.float32))
+    sweep_fn = _compiled(_progressive, params, unet_weights, x_ids, *y_shapes, col_arrays, **statics)
     t_compile = time.perf_counter()
 
-    y_states, y_last = jax.block_until_ready(anchor_fn(params, jnp.asarray(cols.y_ids)))
+    y_states, y_last = jax.block_until_ready(anchor_fn(params, y_ids))
     t_features = time.perf_counter()
-    out = sweep_fn(params, unet_weights, jnp.asarray(cols.x_ids), y_states, y_last, col_arrays)
+    out = sweep_fn(params, unet_weights, x_ids, y_states, y_last, col_arrays)
     qkv, new_unet, text_metrics, unet_metrics = _to_host(jax.block_until_ready(out))
     t_solve = time.perf_counter()
 
@@ -233,7 +288,7 @@ def erase_erasepro(
         edited += keys
         for b, metrics in zip(buckets, unet_metrics, strict=True):
             entries += _bucket_entries(b, metrics)
-    notes = _notes(cols, n_hard, d_text, entries)
+    notes = _notes(cols, n_hard, d_text, entries, start_layer == 1 and edit_text)
     if first_tokens is not None:
         notes.append(
             f"implicit: first {first_tokens} paired tokens, text-encoder layers {start_layer}..{n_layers}"
@@ -256,6 +311,8 @@ def erase_erasepro(
             "total": cols.n,
             "hard_candidates": n_hard,
             "duplicates_dropped": cols.duplicates,
+            "conflicts_dropped": cols.conflicts,
+            "embedding_conflicts": int(np.sum(cols.embedding_conflict)),
             **cols.counts(),
         },
         pairs=[dict(p) for p in cols.pairs],
@@ -336,14 +393,26 @@ def _bucket_entries(bucket: Any, metrics: dict) -> list[dict[str, Any]]:
     ]
 
 
-def _notes(cols: Columns, n_hard: int, d: int, entries: list[dict]) -> list[str]:
+def _notes(cols: Columns, n_hard: int, d: int, entries: list[dict], layer0: bool) -> list[str]:
     notes = []
+    if cols.conflicts:
+        notes.append(
+            f"{cols.conflicts} target columns share their token ids with a preserved prompt's (the same "
+            "input at every layer): preservation wins, they were dropped"
+        )
+    clash = int(np.sum(cols.embedding_conflict[:n_hard]))
+    if clash and layer0:
+        notes.append(
+            f"{clash} target columns have a preserved column's (token, position) and so its input at layer 0 "
+            "(EOS = padding token): preservation wins there, they are fitted in least squares at layer 0"
+        )
     if cols.n > d:
         notes.append(
             f"{cols.n} columns > d_in={d}: the first {n_hard} by priority (concept tokens and EOS first, no "
             f"padding) may be hard; the other {cols.n - n_hard} are fitted in least squares (residual_soft)"
         )
-    short = [e["key"] for e in entries if e["n_hard"] < n_hard]
+    expected = {e["key"]: n_hard - (clash if layer0 and e.get("layer") == 0 else 0) for e in entries}
+    short = [e["key"] for e in entries if e["n_hard"] < expected[e["key"]]]
     if short:
         notes.append(
             f"rank-deficient features: {len(short)} edited weights hold fewer than {n_hard} columns exactly "

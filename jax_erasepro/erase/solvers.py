@@ -5,12 +5,13 @@ Weights are in PyTorch layout ``W`` of shape ``(..., d_out, d_in)`` acting as ``
 Features are columns: ``x``, ``y`` are ``(d_in, N)`` (one column per token), ``preserve`` is ``(d_in, M)``.
 Leading axes of ``W`` share one factorisation of the features (the U-Net ``to_k``/``to_v`` of one shape
 bucket); features that differ per layer (CLIP's 12 layers) go through ``jax.vmap`` over both arguments.
-No solve forms ``C^T C`` or ``X X^T``: all use SVDs with singular values masked below ``rcond * sigma_max``,
-so shapes stay static and everything jits.
+No solve forms ``C^T C`` or ``X X^T``: hard columns are factorised by blocked Gram-Schmidt (C_h = Q R), soft
+ones and UCE's by SVDs with singular values masked below ``rcond * sigma_max``; shapes stay static, all jits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Literal
 
@@ -25,6 +26,7 @@ Precision = Literal["float32", "float64"]
 # on CLIP-like features (tests/erase/test_solvers.py), float32 then reaches relative residuals of ~1e-6 at
 # condition <= 1e3 and ~3e-5 at the cutoff; pass precision="float64" for tighter ones.
 DEFAULT_RCOND = 1e-4
+SOFT_SIZES = (64, 256)  # column counts of the smaller soft-part SVDs (up to all K columns)
 
 
 class RankDeficientError(ValueError):
@@ -109,37 +111,72 @@ def _masked_svd(a: Array, tol: Array) -> tuple[Array, Array, Array, Array, Array
     return u, s, jnp.where(keep, 1 / jnp.where(keep, s, 1), 0), vt, keep
 
 
-def _select_hard(c: Array, hard: Array, priority: Array, tol: Array) -> Array:
-    """Admit requested columns in decreasing priority while ||C_h^+||_F <= 1 / tol, so sigma_min(C_h) >= tol.
+def _sigma_max(c: Array, iterations: int = 64) -> Array:
+    """Largest singular value of ``c`` by power iteration on C^T C, approached from below (CLIP-like
+    features have a dominant mean direction, so it converges in a few steps)."""
+    v = jnp.sum(c * c, 0)  # column norms^2: a start with weight on the dominant direction
 
-    Gram-Schmidt builds C_h = Q R column by column and tracks R^-1, whose Frobenius norm is ||C_h^+||_F.
+    def step(v: Array, _: None) -> tuple[Array, None]:
+        v = c.T @ (c @ v)
+        return v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(c.dtype).tiny), None
+
+    v, _ = jax.lax.scan(step, v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(c.dtype).tiny), length=iterations)
+    return jnp.linalg.norm(c @ v)
+
+
+def _select_hard(c: Array, requested: Array, tol: Array, block: int = 64) -> tuple[Array, Array, Array]:
+    """Greedy admission of ``c``'s columns in order while ||C_h^+||_F <= 1 / tol, so sigma_min(C_h) >= tol.
+
+    Gram-Schmidt grows C_h = Q R and R^-1 (whose Frobenius norm is ||C_h^+||_F) one column at a time, in
+    blocks: each block is projected on the admitted basis with two GEMMs, then scanned column by column with
+    only block-sized carries. Returns the admitted mask (K,), Q (d, K) and R^-1 (K, K), both with zeros in
+    the rejected columns (and rows), so C_h^+ = R^-1 Q^T with the rejected columns zeroed.
     """
-    k = c.shape[1]
-    order = jnp.argsort(priority, descending=True, stable=True)
+    d, k = c.shape
+    nb = -(-k // block)
+    c = jnp.pad(c, ((0, 0), (0, nb * block - k)))
+    requested = jnp.pad(requested, (0, nb * block - k))
+    kp = nb * block
 
-    def step(carry: tuple, jk: tuple[Array, Array]) -> tuple[tuple, None]:
-        basis, r_inv, fro2, kept = carry
-        j, col = jk
-        v, r = c[:, col], jnp.zeros(k, c.dtype)
-        for _ in range(2):  # Gram-Schmidt twice: the basis stays orthogonal to working precision
-            r_pass = basis.T @ v
-            v, r = v - basis @ r_pass, r + r_pass
-        rho = jnp.linalg.norm(v)
-        safe = jnp.where(rho > 0, rho, 1)
-        new_col = (-(r_inv @ r) / safe).at[j].set(1 / safe)  # last column of the grown R^-1
-        new_fro2 = fro2 + jnp.sum(new_col**2)
-        ok = hard[col] & (rho > 0) & (new_fro2 * tol**2 <= 1)
-        carry = (
-            basis.at[:, j].set(jnp.where(ok, v / safe, 0)),
-            r_inv.at[:, j].set(jnp.where(ok, new_col, 0)),
-            jnp.where(ok, new_fro2, fro2),
-            kept.at[col].set(ok),
-        )
-        return carry, None
+    def admit_block(carry: tuple, b: Array) -> tuple[tuple, None]:
+        q, r_inv, fro2 = carry
+        cb = jax.lax.dynamic_slice_in_dim(c, b * block, block, 1)
+        p1 = q.T @ cb
+        v = cb - q @ p1
+        p2 = q.T @ v  # second pass: the basis stays orthogonal to working precision
+        v, a = v - q @ p2, r_inv @ (p1 + p2)  # a = R^-1 P: the block's coefficients in R^-1 terms
+        req = jax.lax.dynamic_slice_in_dim(requested, b * block, block)
 
-    init = (jnp.zeros_like(c), jnp.zeros((k, k), c.dtype), jnp.zeros((), c.dtype), jnp.zeros(k, bool))
-    (*_, kept), _ = jax.lax.scan(step, init, (jnp.arange(k), order))
-    return kept
+        def admit(inner: tuple, j: Array) -> tuple[tuple, None]:
+            u, s_inv, fro2 = inner
+            s1 = u.T @ v[:, j]
+            w = v[:, j] - u @ s1
+            s2 = u.T @ w
+            w, t = w - u @ s2, s_inv @ (s1 + s2)
+            rho = jnp.linalg.norm(w)
+            safe = jnp.where(rho > 0, rho, 1)
+            # new column of R^-1: -[R^-1 P_j - A t; t] / rho, with 1 / rho on the diagonal
+            new_fro2 = fro2 + (jnp.sum((a[:, j] - a @ t) ** 2) + jnp.sum(t**2) + 1) / safe**2
+            ok = req[j] & (rho > 0) & (new_fro2 * tol**2 <= 1)
+            col = (-t / safe).at[j].set(1 / safe)
+            inner = (
+                u.at[:, j].set(jnp.where(ok, w / safe, 0)),
+                s_inv.at[:, j].set(jnp.where(ok, col, 0)),
+                jnp.where(ok, new_fro2, fro2),
+            )
+            return inner, None
+
+        init = (jnp.zeros((d, block), c.dtype), jnp.zeros((block, block), c.dtype), fro2)
+        (u, s_inv, fro2), _ = jax.lax.scan(admit, init, jnp.arange(block))
+        # R_new^-1 = [[R^-1, -A S^-1], [0, S^-1]]: the block's columns of R^-1 (rows of A at the block are 0)
+        cols = jax.lax.dynamic_update_slice_in_dim(-(a @ s_inv), s_inv, b * block, 0)
+        q = jax.lax.dynamic_update_slice_in_dim(q, u, b * block, 1)
+        return (q, jax.lax.dynamic_update_slice_in_dim(r_inv, cols, b * block, 1), fro2), None
+
+    init = (jnp.zeros((d, kp), c.dtype), jnp.zeros((kp, kp), c.dtype), jnp.zeros((), c.dtype))
+    (q, r_inv, _), _ = jax.lax.scan(admit_block, init, jnp.arange(nb))
+    kept = jnp.diagonal(r_inv) != 0
+    return kept[:k], q[:, :k], r_inv[:k, :k]
 
 
 @partial(jax.jit, static_argnames=("precision", "candidates"))
@@ -156,41 +193,53 @@ def _constrained(
 ) -> tuple[Array, SolveReport]:
     dtype = _compute_dtype(precision)
     w0, c, t = w_o.astype(dtype), c.astype(dtype), t.astype(dtype)
-    if candidates is None:
-        tol = rcond * jnp.linalg.svd(c, compute_uv=False)[0]
-        hard = _select_hard(c, hard, priority, tol)
-    else:  # only the first `candidates` columns can be hard: the admission scan runs over them alone
-        c_c = c[:, :candidates]
-        tol = rcond * jnp.linalg.svd(c_c, compute_uv=False)[0]
-        held = _select_hard(c_c, hard[:candidates], priority[:candidates], tol)
-        hard = jnp.concatenate([held, jnp.zeros(c.shape[1] - candidates, bool)])
+    k = c.shape[1]
+    n_c = k if candidates is None else candidates  # only the first n_c columns can be hard
+    order = jnp.argsort(priority[:n_c], descending=True, stable=True)
+    c_sorted = c[:, order]
+    tol = rcond * _sigma_max(c_sorted)
+    kept, q, r_inv = _select_hard(c_sorted, hard[:n_c][order], tol)
+    hard = jnp.zeros(k, bool).at[order].set(kept)
     resid = t - w0 @ c  # (..., d_out, K): what the edit D = W - W_o must add on each column
-    # Hard part: D_h = R_h C_h^+, the minimal-norm D with D C_h = R_h; its rows lie in span(C_h).
-    c_h = jnp.where(hard, c, 0)
-    u, s, inv_s, vt, keep = _masked_svd(c_h, tol)
-    r_hard = jnp.where(hard, resid, 0)
-    d_hard = ((r_hard @ vt.T) * inv_s) @ u.T
+    # Hard part: D_h = R_h C_h^+ = R_h R^-1 Q^T (sorted order), the minimal-norm D with D C_h = R_h.
+    pinv = r_inv @ q.T  # (n_c, d)
+    r_hard = jnp.where(kept, resid[..., order], 0)
+    c_h = jnp.where(kept, c_sorted, 0)
+    d_hard = r_hard @ pinv
     w_hard = w0 + d_hard  # one step of iterative refinement on the rounded weight: residual to its floor
-    d_hard = d_hard + (((r_hard - (w_hard - w0) @ c_h) @ vt.T) * inv_s) @ u.T
-    # Soft part: D_s with rows orthogonal to span(C_h) (so D_s C_h = 0) fitting what is left of the soft
-    # columns in least squares with minimal norm: D_s = (R_s - D_h C_s) B^+, B = (I - U U^T) C_s.
-    u_kept = jnp.where(keep, u, 0)
-    c_s = c - c_h
-    b = c_s - u_kept @ (u_kept.T @ c_s)
-    ub, _, inv_b, vbt, _ = _masked_svd(b, tol)
-    d_soft = (((jnp.where(hard, 0, resid) - d_hard @ c_s) @ vbt.T) * inv_b) @ ub.T
-    d_soft = d_soft - (d_soft @ u_kept) @ u_kept.T  # remove the rounding-level leak into span(C_h)
+    d_hard = d_hard + (r_hard - (w_hard - w0) @ c_h) @ pinv
+    # Soft part: D_s with rows orthogonal to span(C_h) = span(Q) (so D_s C_h = 0) fitting what is left of
+    # the soft columns in least squares with minimal norm: D_s = (R_s - D_h C_s) B^+, B = (I - Q Q^T) C_s.
+    # Only the soft columns enter B (zero columns add nothing to B^+): the first m after a stable sort, for
+    # the smallest m in SOFT_SIZES holding them all, so a few rejected columns cost a small SVD.
+    n_soft = jnp.sum(~hard)
+    sizes = sorted({min(m, k) for m in (*SOFT_SIZES, k)})
+
+    def soft(m: int) -> Callable[[Array], Array]:
+        def fit(d_hard: Array) -> Array:
+            idx = jnp.argsort(hard, stable=True)[:m]
+            c_s = jnp.where(hard[idx], 0, c[:, idx])
+            e = jnp.where(hard[idx], 0, resid[..., idx]) - d_hard @ c_s
+            ub, _, inv_b, vbt, _ = _masked_svd(c_s - q @ (q.T @ c_s), tol)
+            d_soft = ((e @ vbt.T) * inv_b) @ ub.T
+            return d_soft - (d_soft @ q) @ q.T  # remove the rounding-level leak into span(C_h)
+
+        return fit
+
+    branch = jnp.where(n_soft == 0, 0, 1 + jnp.sum(jnp.asarray(sizes) < n_soft))
+    d_soft = jax.lax.switch(branch, [jnp.zeros_like, *(soft(m) for m in sizes)], d_hard)
     w = (w0 + d_hard + d_soft).astype(w_o.dtype)
 
     delta = w.astype(dtype) - w0
-    rank = jnp.sum(keep)
-    s_min = jnp.min(jnp.where(keep, s, jnp.inf))
+    rank = jnp.sum(kept)
+    # sigma_max(C_h) and 1 / sigma_min(C_h) = ||R^-1||_2 by power iteration (no SVD of the hard block)
+    s_max, s_min = _sigma_max(c_h, 256), 1 / jnp.maximum(_sigma_max(r_inv, 256), jnp.finfo(dtype).tiny)
     report = SolveReport(
         hard=hard,
         preserved=preserved,
         rank=rank,
         sigma_min_kept=jnp.where(rank > 0, s_min, 0),
-        condition=jnp.where(rank > 0, s[0] / s_min, 0),
+        condition=jnp.where(rank > 0, s_max / s_min, 0),
         column_residual_sq=jnp.sum((delta @ c - resid) ** 2, -2),
         column_target_sq=jnp.sum(t**2, -2),
         relative_change=_ratio(jnp.sum(delta**2, (-2, -1)), jnp.sum(w0**2, (-2, -1))),
@@ -216,11 +265,12 @@ def constrained_solve(
     ``w_o`` (..., d_out, d_in) and ``t`` (..., d_out, K) share one factorisation of ``c`` (d_in, K).
     ``hard`` (K,) bool (default all) asks for exact columns; they are admitted in decreasing ``priority``
     (K,) (default: column order) while ``||C_h^+||_F <= 1 / (rcond * sigma_max(c))`` (so cond(C_h) <=
-    1 / rcond); the rest become soft. Among the minimisers of the soft residual, W is the closest to W_o.
+    1 / rcond; sigma_max by power iteration); the rest become soft. Among the minimisers of the soft
+    residual, W is the closest to W_o.
     ``strict`` raises RankDeficientError when a requested hard column could not be held (host check).
     ``precision="float64"`` needs ``jax.enable_x64``; W is returned in ``w_o``'s dtype.
     ``candidates`` (static) lets only the first that many columns be hard, with sigma_max taken over them:
-    the admission scan costs O(K^2) per column, so callers with many soft columns bound it this way.
+    the admission costs O(d K^2), so callers with many soft columns bound it this way.
     """
     _check_shapes(w_o, c, t)
     _compute_dtype(precision)

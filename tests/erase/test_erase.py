@@ -63,21 +63,37 @@ def test_columns_dedup_shared_prefix(sd):
     assert cols.kind[0] == 0 and np.all(np.diff(cols.kind[cols.kind != 1]) >= 0)
 
 
+def test_columns_preservation_wins_conflicts(sd):
+    """A target column with a preserved column's ids prefix is dropped; one with its (token, position) only
+    (the target's EOS against the preserved prompt's padding, both EOS ids) is flagged for layer 0."""
+    cols = build_columns(sd.tokenizer, ["van gogh"], ["artist"], ["van"], [TEMPLATE], pad_tokens=1)
+    assert cols.conflicts == 1  # "a painting by van": the same ids in the target and the preserved prompt
+    x_ids = cols.x_ids[cols.x_row, cols.x_pos]
+    flagged = np.flatnonzero(cols.embedding_conflict)
+    assert (
+        flagged.size == 1 and cols.x_pos[flagged[0]] == 6 and x_ids[flagged[0]] == sd.tokenizer.eos_token_id
+    )
+    assert cols.kind[flagged[0]] == 0  # the target's EOS (a concept-tier column), not a preserved one
+
+
 def test_hard_residual_and_report(longer, shorter, tmp_path):
     for _, report in (longer, shorter):
         n = report.columns["total"]
         assert n <= 32
+        clash = report.columns["embedding_conflicts"]
         for e in report.layers:
-            # layer 0 sees only (token, position): the preserved prompt's EOS/padding coincide with the
-            # target's shifted ones there, so those columns are rank-deficient and held in least squares
-            if e.get("layer") == 0 and report.preserve:
-                assert e["n_hard"] < n and e["residual_hard"] <= 1e-5
+            # layer 0 sees only (token, position): the target's shifted EOS/padding has the preserved prompt's
+            # padding input there; preservation wins, so those target columns are soft at layer 0 only
+            if e.get("layer") == 0 and clash:
+                assert e["n_hard"] == n - clash and e["residual_hard"] <= 1e-5
+                assert e["residual_groups"]["preserve"] <= 1e-5 and e["residual_groups"]["padding"] > 1e-3
                 continue
             assert e["n_hard"] == n
             assert e["residual_after"] <= 1e-5, e
             assert e["residual_before"] > 1e-2
         assert {e["key"] for e in report.layers} == set(report.edited)
-    assert not shorter[1].notes and "rank-deficient" in longer[1].notes[0]
+    assert not shorter[1].notes and "preservation wins there" in longer[1].notes[0]
+    assert longer[1].columns["embedding_conflicts"] == 2 and len(longer[1].notes) == 1
     report = longer[1]
     assert report.pairs[0]["positions"][:3] == [(4, 4), (5, 4), (6, 5)]
     assert set(report.timings) == {"prepare", "compile", "features", "solve", "total"}
@@ -101,11 +117,11 @@ def test_only_qkv_and_cross_attention_changed(sd, longer):
 
 
 def test_preserved_features_exactly_preserved(sd, longer):
-    """The preserved prompt's tokens through EOS keep their encoder output (its padding shares layer-0
-    features with the target's shifted EOS, a conflict the target wins; see the report's notes)."""
-    erased, _ = longer
+    """The preserved prompt keeps its encoder output at every constrained position (through EOS + pad_tokens),
+    though its padding shares layer-0 inputs with the target's shifted EOS and padding."""
+    erased, report = longer
     prompt = [TEMPLATE.format("monet")]
-    keep = len(sd.tokenizer(prompt[0])["input_ids"])
+    keep = len(sd.tokenizer(prompt[0])["input_ids"]) + report.options["pad_tokens"]
     orig = np.asarray(encode_prompts(sd, prompt))[0, :keep]
     new = np.asarray(encode_prompts(erased, prompt))[0, :keep]
     assert np.linalg.norm(new - orig) / np.linalg.norm(orig) <= 1e-5
@@ -213,3 +229,15 @@ def test_non_finite_raises(sd):
     layer.value = layer[...].at[0, 0].set(np.nan)
     with pytest.raises(EraseError, match="NaN or inf"):
         erase(bad, ["cat"], "dog", prompts=["{}"], pad_tokens=1)
+
+
+def test_equal_buckets_reuse_the_compiled_program(sd):
+    """Column counts pad to a bucket of 64 and token rows to 8, so these erasures share one program."""
+    from jax_erasepro.erase import erasepro
+
+    _, first = erase(sd, ["red cat", "old tree"], "thing", prompts=["{}"], pad_tokens=3)
+    programs = len(erasepro._COMPILED)
+    _, second = erase(sd, ["blue", "wild horse"], "thing", prompts=["{}"], pad_tokens=3)
+    assert first.columns["total"] != second.columns["total"]
+    assert len(erasepro._COMPILED) == programs
+    assert second.max_residual() <= 1e-5
