@@ -85,7 +85,8 @@ def run_jax(steps: int, repeats: int) -> dict:
     t0 = time.perf_counter()
     compiled = _sample.lower(*args).compile()
     out["generate_compile_s"] = time.perf_counter() - t0
-    dyn = (unet_params, vae_params, schedule, x[:1], ctx, jnp.float32(7.5), jax.random.key(0), jnp.float32(0.18215))
+    dyn = (unet_params, vae_params, schedule, x[:1], ctx, jnp.float32(7.5), jax.random.key(0),
+           jnp.float32(0.18215))
     jax.block_until_ready(compiled(*dyn))
     out["generate_s"] = _median_time(lambda: jax.block_until_ready(compiled(*dyn)), max(1, repeats - 2))
     return out
@@ -141,7 +142,8 @@ def main() -> None:
         return
     results = {}
     for fw in ("jax", "torch"):
-        cmd = [sys.executable, __file__, "--only", fw, "--steps", str(args.steps), "--repeats", str(args.repeats)]
+        cmd = [sys.executable, __file__, "--only", fw, "--steps", str(args.steps),
+               "--repeats", str(args.repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[fw] = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = ["text_encoder", "unet_step", "vae_decode", "generate"]
