@@ -34,7 +34,7 @@ from jax_erasepro.shapes.train_vae import WEIGHTS, load_vae, pixels, sample_late
 from jax_erasepro.tiny import SD_SCHEDULER
 from jax_erasepro.tokenizer import load_tokenizer, tokenize
 from jax_erasepro.training import TrainConfig, train
-from jax_erasepro.weights import load_state_dict, num_params, to_state_dict
+from jax_erasepro.weights import abstract_model, load_state_dict, num_params, to_state_dict
 
 SCHEDULER = SchedulerConfig.from_dict({"_class_name": "PNDMScheduler", **SD_SCHEDULER})
 P_UNCOND = 0.1  # captions replaced by "" (the unconditional prompt of classifier-free guidance)
@@ -80,7 +80,7 @@ def load_text_encoder(clip_dir: str | Path) -> CLIPTextModel:
     config = CLIPConfig.from_json(clip_dir / "config.json").text_config
     reader = SafetensorsReader(clip_dir / "model.safetensors")
     keys = {k[len(TEXT_PREFIX) :] for k in reader.keys if k.startswith(TEXT_PREFIX)}
-    abstract = nnx.eval_shape(lambda: CLIPTextModel(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(CLIPTextModel, config)
     # position_ids: a buffer some transformers versions write
     return load_state_dict(
         abstract, lambda k: reader[TEXT_PREFIX + k], keys, source=str(reader.path),
@@ -153,7 +153,7 @@ def load_unet(folder: str | Path) -> UNet2DConditionModel:
     folder = Path(folder)
     config = UNet2DConditionConfig.from_json(folder / "config.json")
     reader = SafetensorsReader(folder / WEIGHTS)
-    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(UNet2DConditionModel, config)
     return load_state_dict(abstract, reader.__getitem__, reader.keys, source=str(folder / WEIGHTS))
 
 

@@ -27,7 +27,7 @@ from jax_erasepro.saving import DIFFUSERS_VERSION
 from jax_erasepro.shapes.render import make_batch
 from jax_erasepro.shapes.train_clip import _log_line
 from jax_erasepro.training import TrainConfig, train
-from jax_erasepro.weights import load_state_dict, num_params, to_state_dict
+from jax_erasepro.weights import abstract_model, load_state_dict, num_params, to_state_dict
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 KL_WEIGHT = 1e-6  # per latent element, relative to a per-pixel reconstruction loss (SD uses 1e-6 too)
@@ -143,7 +143,7 @@ def load_vae(folder: str | Path) -> AutoencoderKL:
     folder = Path(folder)
     config = AutoencoderKLConfig.from_json(folder / "config.json")
     reader = SafetensorsReader(folder / WEIGHTS)
-    abstract = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(AutoencoderKL, config)
     return load_state_dict(abstract, reader.__getitem__, reader.keys, source=str(folder / WEIGHTS))
 
 
