@@ -6,8 +6,6 @@ in seed (initialisation and data order). ``export`` writes a folder ``transforme
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
 import json
 import shutil
@@ -24,6 +22,7 @@ from transformers import CLIPTokenizer
 
 from jax_erasepro.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from jax_erasepro.shapes.render import make_batch, make_scenes, render
+from jax_erasepro.shapes.runs import log_line, prepare_run, run_parser
 from jax_erasepro.shapes.world import Scene, Split, judge_prompts
 from jax_erasepro.tokenizer import load_tokenizer, tokenize
 from jax_erasepro.training import TrainConfig, train
@@ -194,38 +193,20 @@ def zero_shot_accuracy(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: train (or resume) one shapes CLIP, export it to --out and print its zero-shot accuracies."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--out", required=True, help="run folder: checkpoints in OUT/ckpt, export in OUT")
-    parser.add_argument("--steps", type=int, default=20_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue the run OUT/ckpt holds")
-    parser.add_argument("--size", choices=("small", "tiny"), default="small")
-    parser.add_argument("--batch-size", type=int, help="override the recipe's 128")
+    parser = run_parser(main.__doc__, steps=20_000, batch_size=128)
     parser.add_argument("--eval-n", type=int, default=2000, help="renders per zero-shot accuracy")
     args = parser.parse_args(argv)
-
-    config = train_config(args.out, args.steps, args.seed)
-    if args.batch_size:
-        config = dataclasses.replace(config, batch_size=args.batch_size)
-    ckpt = Path(config.ckpt_dir)
-    if ckpt.exists() and any(ckpt.iterdir()) and not args.resume:
-        parser.error(f"{ckpt} already holds a run: pass --resume to continue it, or choose another --out")
-    ckpt.mkdir(parents=True, exist_ok=True)
+    config = prepare_run(parser, args, train_config(args.out, args.steps, args.seed))
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     model = CLIPModel(clip_config(args.size), rngs=nnx.Rngs(args.seed))
     print(f"CLIP {args.size}: {num_params(model) / 1e6:.2f}M params; {config}")
     batches = clip_batches(tokenizer, config.batch_size, args.seed)
     with open(Path(args.out) / "log.jsonl", "a") as log:
-        train(model, contrastive_loss, batches, config, on_log=functools.partial(_log_line, log))
+        train(model, contrastive_loss, batches, config, on_log=functools.partial(log_line, log))
     export(model, args.out)
     scores = {a: zero_shot_accuracy(model, tokenizer, a, args.eval_n) for a in ATTRIBUTES}
     (Path(args.out) / "zero_shot.json").write_text(json.dumps(scores, indent=2) + "\n")
     print("zero-shot accuracy on fresh test renders:", json.dumps(scores))
-
-
-def _log_line(log, step: int, metrics: dict[str, float]) -> None:
-    log.write(json.dumps({"step": step, **metrics}) + "\n")
-    log.flush()
 
 
 if __name__ == "__main__":

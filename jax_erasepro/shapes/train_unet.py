@@ -8,10 +8,7 @@ differentiates the UNet alone.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,22 +16,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 from transformers import CLIPTokenizer
 
 from jax_erasepro.loading import TEXT_PREFIX, SafetensorsReader
 from jax_erasepro.models.clip import CLIPConfig, CLIPTextModel
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jax_erasepro.models.vae import AutoencoderKL
-from jax_erasepro.saving import DIFFUSERS_VERSION
 from jax_erasepro.schedulers import SchedulerConfig, add_noise
 from jax_erasepro.shapes.render import make_batch
-from jax_erasepro.shapes.train_clip import TOKENIZER_DIR, _log_line
-from jax_erasepro.shapes.train_vae import WEIGHTS, load_vae, pixels, sample_latents
+from jax_erasepro.shapes.runs import export_component, load_component, log_line, prepare_run, run_parser
+from jax_erasepro.shapes.train_clip import TOKENIZER_DIR
+from jax_erasepro.shapes.train_vae import load_vae, pixels, sample_latents
 from jax_erasepro.tiny import SD_SCHEDULER
 from jax_erasepro.tokenizer import load_tokenizer, tokenize
 from jax_erasepro.training import TrainConfig, train
-from jax_erasepro.weights import abstract_model, load_state_dict, num_params, to_state_dict
+from jax_erasepro.weights import abstract_model, load_state_dict, num_params
 
 SCHEDULER = SchedulerConfig.from_dict({"_class_name": "PNDMScheduler", **SD_SCHEDULER})
 P_UNCOND = 0.1  # captions replaced by "" (the unconditional prompt of classifier-free guidance)
@@ -139,44 +135,21 @@ def diffusion_loss(
 
 def export(unet: UNet2DConditionModel, out: str | Path) -> Path:
     """Write a diffusers ``unet/`` folder (config.json, fp32 safetensors)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
-              **unet.config.to_dict()}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(to_state_dict(unet), str(out / WEIGHTS), metadata={"format": "pt"})
-    return out
+    return export_component(unet, out, "UNet2DConditionModel")
 
 
 def load_unet(folder: str | Path) -> UNet2DConditionModel:
     """A ``unet/`` folder that ``export`` wrote -> our module."""
-    folder = Path(folder)
-    config = UNet2DConditionConfig.from_json(folder / "config.json")
-    reader = SafetensorsReader(folder / WEIGHTS)
-    abstract = abstract_model(UNet2DConditionModel, config)
-    return load_state_dict(abstract, reader.__getitem__, reader.keys, source=str(folder / WEIGHTS))
+    return load_component(UNet2DConditionModel, UNet2DConditionConfig, folder)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: train (or resume) the shapes UNet on the frozen VAE and text encoder, export it to OUT/unet."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--out", required=True, help="run folder: OUT/ckpt, export in OUT/unet")
+    parser = run_parser(main.__doc__, steps=20_000, batch_size=128)
     parser.add_argument("--vae", required=True, help="the trained VAE's folder (train_vae's OUT/vae)")
     parser.add_argument("--text-encoder", required=True, help="the exported shapes CLIP (train_clip's OUT)")
-    parser.add_argument("--steps", type=int, default=20_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue the run OUT/ckpt holds")
-    parser.add_argument("--size", choices=("small", "tiny"), default="small")
-    parser.add_argument("--batch-size", type=int, help="override the recipe's 128")
     args = parser.parse_args(argv)
-
-    config = train_config(args.out, args.steps, args.seed)
-    if args.batch_size:
-        config = dataclasses.replace(config, batch_size=args.batch_size)
-    ckpt = Path(config.ckpt_dir)
-    if ckpt.exists() and any(ckpt.iterdir()) and not args.resume:
-        parser.error(f"{ckpt} already holds a run: pass --resume to continue it, or choose another --out")
-    ckpt.mkdir(parents=True, exist_ok=True)
+    config = prepare_run(parser, args, train_config(args.out, args.steps, args.seed))
     vae, text_encoder = load_vae(args.vae), load_text_encoder(args.text_encoder)
     unet = UNet2DConditionModel(
         unet_config(args.size, text_encoder.config.hidden_size), rngs=nnx.Rngs(args.seed)
@@ -185,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     encode = frozen_encoder(vae, text_encoder)
     batches = unet_batches(encode, load_tokenizer(TOKENIZER_DIR), config.batch_size, args.seed)
     with open(Path(args.out) / "log.jsonl", "a") as log:
-        train(unet, diffusion_loss, batches, config, on_log=functools.partial(_log_line, log))
+        train(unet, diffusion_loss, batches, config, on_log=functools.partial(log_line, log))
     export(unet, Path(args.out) / "unet")
 
 

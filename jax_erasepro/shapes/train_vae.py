@@ -8,7 +8,6 @@ After training, ``scaling_factor`` is set to 1/std of the latents over a sample 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -19,17 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
-from jax_erasepro.loading import SafetensorsReader
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
-from jax_erasepro.saving import DIFFUSERS_VERSION
 from jax_erasepro.shapes.render import make_batch
-from jax_erasepro.shapes.train_clip import _log_line
+from jax_erasepro.shapes.runs import export_component, load_component, log_line, prepare_run, run_parser
 from jax_erasepro.training import TrainConfig, train
-from jax_erasepro.weights import abstract_model, load_state_dict, num_params, to_state_dict
+from jax_erasepro.weights import num_params
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 KL_WEIGHT = 1e-6  # per latent element, relative to a per-pixel reconstruction loss (SD uses 1e-6 too)
 
 
@@ -129,48 +124,25 @@ def psnr_of(recon: np.ndarray, images: np.ndarray) -> float:
 
 def export(model: AutoencoderKL, out: str | Path) -> Path:
     """Write a diffusers ``vae/`` folder (config.json with the model's scaling_factor, fp32 safetensors)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    version = {"_diffusers_version": DIFFUSERS_VERSION}
-    config = {"_class_name": "AutoencoderKL", **version, **model.config.to_dict()}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(to_state_dict(model), str(out / WEIGHTS), metadata={"format": "pt"})
-    return out
+    return export_component(model, out, "AutoencoderKL")
 
 
 def load_vae(folder: str | Path) -> AutoencoderKL:
     """A ``vae/`` folder that ``export`` wrote (or any diffusers AutoencoderKL folder) -> our module."""
-    folder = Path(folder)
-    config = AutoencoderKLConfig.from_json(folder / "config.json")
-    reader = SafetensorsReader(folder / WEIGHTS)
-    abstract = abstract_model(AutoencoderKL, config)
-    return load_state_dict(abstract, reader.__getitem__, reader.keys, source=str(folder / WEIGHTS))
+    return load_component(AutoencoderKL, AutoencoderKLConfig, folder)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: train (or resume) the shapes VAE, set its scaling_factor, export it to --out, print its PSNR."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--out", required=True, help="run folder: checkpoints in OUT/ckpt, export in OUT/vae")
-    parser.add_argument("--steps", type=int, default=10_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue the run OUT/ckpt holds")
-    parser.add_argument("--size", choices=("small", "tiny"), default="small")
-    parser.add_argument("--batch-size", type=int, help="override the recipe's 32")
+    parser = run_parser(main.__doc__, steps=10_000, batch_size=32)
     parser.add_argument("--eval-n", type=int, default=1000, help="held-out renders for the PSNR")
     args = parser.parse_args(argv)
-
-    config = train_config(args.out, args.steps, args.seed)
-    if args.batch_size:
-        config = dataclasses.replace(config, batch_size=args.batch_size)
-    ckpt = Path(config.ckpt_dir)
-    if ckpt.exists() and any(ckpt.iterdir()) and not args.resume:
-        parser.error(f"{ckpt} already holds a run: pass --resume to continue it, or choose another --out")
-    ckpt.mkdir(parents=True, exist_ok=True)
+    config = prepare_run(parser, args, train_config(args.out, args.steps, args.seed))
     model = AutoencoderKL(vae_config(args.size), rngs=nnx.Rngs(args.seed))
     print(f"VAE {args.size}: {num_params(model) / 1e6:.2f}M params; {config}")
     with open(Path(args.out) / "log.jsonl", "a") as log:
         train(model, vae_loss, vae_batches(config.batch_size, args.seed), config,
-              on_log=functools.partial(_log_line, log))
+              on_log=functools.partial(log_line, log))
     model.config = dataclasses.replace(model.config, scaling_factor=latent_scaling_factor(model))
     export(model, Path(args.out) / "vae")
     scores = {"psnr_db": psnr(model, args.eval_n), "scaling_factor": model.config.scaling_factor}

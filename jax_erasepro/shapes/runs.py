@@ -1,0 +1,71 @@
+"""What the shapes-sd training scripts share: their run-folder CLI and one diffusers component on disk."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import IO, Any
+
+from flax import nnx
+from safetensors.numpy import save_file
+
+from jax_erasepro.loading import SafetensorsReader
+from jax_erasepro.models.config import JsonConfig
+from jax_erasepro.saving import DIFFUSERS_VERSION
+from jax_erasepro.training import TrainConfig
+from jax_erasepro.weights import abstract_model, load_state_dict, to_state_dict
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def run_parser(description: str | None, *, steps: int, batch_size: int) -> argparse.ArgumentParser:
+    """The flags every training CLI takes: --out --steps --seed --resume --size --batch-size."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", required=True, help="run folder: checkpoints in OUT/ckpt, exports in OUT")
+    parser.add_argument("--steps", type=int, default=steps, help="also sets the learning-rate schedule")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue the run OUT/ckpt holds")
+    parser.add_argument("--size", choices=("small", "tiny"), default="small")
+    parser.add_argument("--batch-size", type=int, help=f"override the recipe's {batch_size}")
+    return parser
+
+
+def prepare_run(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, config: TrainConfig
+) -> TrainConfig:
+    """Apply --batch-size, refuse to overwrite a run without --resume, create the checkpoint folder."""
+    if args.batch_size:
+        config = dataclasses.replace(config, batch_size=args.batch_size)
+    ckpt = Path(config.ckpt_dir)
+    if ckpt.exists() and any(ckpt.iterdir()) and not args.resume:
+        parser.error(f"{ckpt} already holds a run: pass --resume to continue it, or choose another --out")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    return config
+
+
+def log_line(log: IO[str], step: int, metrics: dict[str, float]) -> None:
+    """Append one JSON line of training metrics (the ``on_log`` of ``training.train``)."""
+    log.write(json.dumps({"step": step, **metrics}) + "\n")
+    log.flush()
+
+
+def export_component(model: nnx.Module, out: str | Path, class_name: str) -> Path:
+    """Write one diffusers component folder (config.json + fp32 safetensors)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **model.config.to_dict()}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(to_state_dict(model), str(out / WEIGHTS), metadata={"format": "pt"})
+    return out
+
+
+def load_component(cls: Any, config_cls: type[JsonConfig], folder: str | Path) -> nnx.Module:
+    """A diffusers component folder (as ``export_component`` writes it) -> our module."""
+    folder = Path(folder)
+    config = config_cls.from_json(folder / "config.json")
+    reader = SafetensorsReader(folder / WEIGHTS)
+    return load_state_dict(
+        abstract_model(cls, config), reader.__getitem__, reader.keys, source=str(folder / WEIGHTS)
+    )
