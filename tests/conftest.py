@@ -18,6 +18,17 @@ def assert_close(actual, reference, rel: float = 1e-4) -> None:
     assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
 
 
+def assert_same_params(a, b) -> None:
+    """Two StableDiffusion models hold bit-identical params under the same keys."""
+    from jax_erasepro.weights import to_state_dict
+
+    for name in ("text_encoder", "unet", "vae"):
+        sa, sb = to_state_dict(getattr(a, name)), to_state_dict(getattr(b, name))
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
 @pytest.fixture(scope="session")
 def sd14_dir() -> Path:
     return SD14

@@ -12,6 +12,7 @@ from jax_erasepro.models.config import ConfigError
 from jax_erasepro.tiny import tiny_random_sd
 from jax_erasepro.tokenizer import tokenize
 from jax_erasepro.weights import WeightsError, to_state_dict
+from tests.conftest import assert_same_params
 from tests.torch_bridge import torch_pipeline
 
 
@@ -35,17 +36,10 @@ def copy(folder, tmp_path):
     return dst
 
 
-def _equal_params(a, b):
-    for name in ("text_encoder", "unet", "vae"):
-        sa, sb = to_state_dict(getattr(a, name)), to_state_dict(getattr(b, name))
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
-
 
 def test_loads_diffusers_folder_exactly(sd, folder):
     loaded = load_pretrained(folder)
-    _equal_params(sd, loaded)
+    assert_same_params(sd, loaded)
     assert loaded.config.unet == sd.config.unet
     assert loaded.config.vae.scaling_factor == pytest.approx(0.18215)
     assert loaded.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
@@ -61,7 +55,7 @@ def test_text_encoder_keys_with_or_without_text_model_prefix(sd, copy, with_pref
     save_file(tensors, path)
     loaded = load_pretrained(copy)
     assert loaded.source.components["text_encoder"]["key_prefix"] == ("text_model." if with_prefix else "")
-    _equal_params(sd, loaded)
+    assert_same_params(sd, loaded)
 
 
 def test_fp16_variant(sd, copy):

@@ -20,6 +20,7 @@ from jax_erasepro.pipeline import generate
 from jax_erasepro.saving import save_pretrained
 from jax_erasepro.tiny import tiny_random_sd
 from jax_erasepro.weights import WeightsError, to_state_dict
+from tests.conftest import assert_same_params
 from tests.torch_bridge import torch_pipeline
 
 WEIGHTS = {
@@ -71,13 +72,6 @@ def _assert_files_identical(a: Path, b: Path) -> None:
                 assert x.tobytes() == y.tobytes(), k
 
 
-def _equal_params(a, b):
-    for name in ("text_encoder", "unet", "vae"):
-        sa, sb = to_state_dict(getattr(a, name)), to_state_dict(getattr(b, name))
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
-
 
 @pytest.mark.parametrize(
     "dtype, prefix", [(torch.float32, False), (torch.float16, False), (torch.float32, True)], ids=str
@@ -122,7 +116,7 @@ def test_orbax_round_trip(src, tmp_path):
         loaded.config.vae,
         loaded.config.text_encoder,
     )
-    _equal_params(loaded, back)
+    assert_same_params(loaded, back)
     # the source's key forms and dtypes survive the orbax hop: a diffusers export equals the source
     _assert_files_identical(src, save_pretrained(back, tmp_path / "again"))
     ours, ref = _images_both_ways(back, tmp_path / "again")
@@ -149,7 +143,7 @@ def test_single_file_loads_in_diffusers(sd, tmp_path, dtype):
         for k in want:
             assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (name, k)
     assert load_pretrained(path, config=source).source.format == "single_file"
-    _equal_params(load_pretrained(path, config=source), load_pretrained(source))
+    assert_same_params(load_pretrained(path, config=source), load_pretrained(source))
 
 
 def _compvis_file(source: Path, path: Path) -> Path:
@@ -163,7 +157,7 @@ def _compvis_file(source: Path, path: Path) -> Path:
 def test_single_file_reads_as_its_folder(src, tmp_path):
     path = _compvis_file(src, tmp_path / "sd.safetensors")
     loaded = load_pretrained(path, config=src)
-    _equal_params(loaded, load_pretrained(src))
+    assert_same_params(loaded, load_pretrained(src))
     # exported back to diffusers it is the source folder again (the text encoder in transformers 5 form)
     _assert_files_identical(src, save_pretrained(loaded, tmp_path / "out"))
 
@@ -267,8 +261,9 @@ def test_delta_round_trip_and_refusals(sd, src, tmp_path):
         assert set(f.keys()) == keys
     record = json.loads((out / "delta.json").read_text())
     assert record["metadata"] == {"method": "test"} and record["base"]["path"] == str(src.resolve())
-    _equal_params(apply_delta(base, out), edited)
-    _equal_params(apply_delta(base, out), apply_delta(edited, out))  # untouched tensors are what is pinned
+    assert_same_params(apply_delta(base, out), edited)
+    # untouched tensors are what is pinned
+    assert_same_params(apply_delta(base, out), apply_delta(edited, out))
     other = tiny_random_sd(seed=2)
     with pytest.raises(DeltaError, match="differs from the base"):
         apply_delta(other, out)

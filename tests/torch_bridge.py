@@ -16,6 +16,16 @@ from jax_erasepro.weights import to_state_dict
 TOKENIZER = Path(__file__).parent / "data" / "sd-v1-4" / "tokenizer"
 
 
+def perturbed_state_dict(module: torch.nn.Module, seed: int = 0) -> dict[str, np.ndarray]:
+    """Perturb norm scales and all biases in place (they init to 1/0); return the numpy state dict."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
 def load_torch(module: torch.nn.Module, state: dict[str, np.ndarray], prefix: str = "") -> None:
     """Copy a numpy state dict into a torch module, strictly."""
     tensors = {prefix + k: torch.from_numpy(np.array(v)) for k, v in state.items()}

@@ -21,6 +21,7 @@ from jax_erasepro.models.clip import (
 from jax_erasepro.models.config import ConfigError
 from jax_erasepro.weights import load_state_dict, num_params, state_dict_shapes, to_state_dict
 from tests.conftest import SD14, assert_close
+from tests.torch_bridge import perturbed_state_dict
 
 TINY_TEXT = dict(
     hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, vocab_size=1000,
@@ -32,18 +33,10 @@ TINY_VISION = dict(
 )
 
 
-def _perturbed(module: torch.nn.Module, seed: int = 0) -> dict[str, np.ndarray]:
-    """Perturb norm scales and biases (which init to 1/0) in place; return the numpy state dict."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
-
 
 def _convert(model_cls, cfg, tm: torch.nn.Module):
-    return load_state_dict(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0))), _perturbed(tm))
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    return load_state_dict(abstract, perturbed_state_dict(tm))
 
 
 def _ids(shape, vocab: int, seed: int = 0) -> np.ndarray:
@@ -183,7 +176,7 @@ def test_clip_model_parity_keys_and_round_trip():
     tm = tf.CLIPModel(tf.CLIPConfig(**cfg.to_dict())).eval()
     with torch.no_grad():
         tm.logit_scale.fill_(1.7)
-    sd = _perturbed(tm)
+    sd = perturbed_state_dict(tm)
     abstract = nnx.eval_shape(lambda: CLIPModel(cfg, rngs=nnx.Rngs(0)))
     assert state_dict_shapes(abstract) == {k: v.shape for k, v in sd.items()}
     assert sd["logit_scale"].shape == () and "vision_model.embeddings.class_embedding" in sd

@@ -11,6 +11,7 @@ from jax_erasepro.models.config import ConfigError
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jax_erasepro.weights import load_state_dict, num_params, state_dict_shapes
 from tests.conftest import SD14, assert_close
+from tests.torch_bridge import perturbed_state_dict
 
 TINY = dict(
     block_out_channels=(32, 64),
@@ -35,15 +36,6 @@ TINY_LIST_HEADS = dict(
     mid_block_scale_factor=1.5,
 )
 
-
-def perturbed_state_dict(module: torch.nn.Module, seed: int = 0) -> dict[str, np.ndarray]:
-    """Perturb norm scales and all biases in place (norms init to 1/0); return the numpy state dict."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
 
 def _pair(overrides: dict):

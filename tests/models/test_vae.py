@@ -10,7 +10,7 @@ from jax_erasepro.models.config import ConfigError
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jax_erasepro.weights import load_state_dict, num_params, state_dict_shapes
 from tests.conftest import SD14, assert_close
-from tests.models.test_unet import perturbed_state_dict
+from tests.torch_bridge import perturbed_state_dict
 
 TINY = dict(
     block_out_channels=(32, 64),
