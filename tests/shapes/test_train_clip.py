@@ -1,6 +1,8 @@
 """Shapes CLIP training: a tiny run end to end, its transformers export, and the CLI's run folder."""
 
+import dataclasses
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +106,35 @@ def test_cli_trains_resumes_and_exports(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     tc.main([*args[:3], "3", *args[4:], "--resume"])
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [2, 3]
+
+
+def test_counterfactual_twins_differ_in_one_named_thing():
+    scenes, captions = tc.make_scenes(3, 200, "train")
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for scene, text in zip(scenes, captions, strict=True):
+        twin = tc.counterfactual(scene, text, rng)
+        if twin is None:
+            assert all(o.character or text.count(o.shape) != 1 for o in scene.objects), text
+            continue
+        other, other_text = twin
+        assert other_text != text and len(other_text.split()) == len(text.split())
+        if other.style != scene.style:
+            kinds.add("style")
+            assert other.objects == scene.objects and other_text == text.replace(scene.style, other.style)
+            continue
+        kinds.add("shape")
+        changed = [(a, b) for a, b in zip(scene.objects, other.objects, strict=True) if a != b]
+        assert len(changed) == 1
+        (a, b), = changed
+        assert a.character is None and a.shape != b.shape and dataclasses.replace(b, shape=a.shape) == a
+        assert (b.shape, b.colour) not in tc.HELD_OUT_PAIRS
+        assert other_text == re.sub(rf"\b{a.shape}\b", b.shape, text)
+    assert kinds == {"style", "shape"}
+
+
+def test_counterfactual_batches(tokenizer):
+    batch = tc.clip_batches(tokenizer, 16, 1, counterfactuals=True)(5)
+    assert batch["images"].shape == (16, 64, 64, 3) and batch["input_ids"].shape == (16, tc.TRAIN_TOKENS)
+    again = tc.clip_batches(tokenizer, 16, 1, counterfactuals=True)(5)
+    np.testing.assert_array_equal(batch["images"], again["images"])

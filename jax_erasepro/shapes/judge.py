@@ -1,0 +1,225 @@
+"""shapes-clip, the independent judge, and shapes-sd's quality bar measured with it.
+
+The judge is a CLIP trained apart from shapes-sd's text encoder (other seed, other data order). It labels
+a generated 64 px image zero-shot by shape, colour, painter or character; two-object images are judged one
+half at a time, the other half painted over with the background colour, so each half is a one-object scene
+like those the judge was measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+from transformers import CLIPTokenizer
+
+from jax_erasepro.images import save_grid
+from jax_erasepro.loading import SafetensorsReader, load_pretrained
+from jax_erasepro.models.clip import CLIPConfig, CLIPModel
+from jax_erasepro.pipeline import StableDiffusion, generate
+from jax_erasepro.shapes.render import make_scenes
+from jax_erasepro.shapes.train_clip import zero_shot_predict
+from jax_erasepro.shapes.world import Scene
+from jax_erasepro.tokenizer import load_tokenizer
+from jax_erasepro.weights import abstract_model, load_state_dict
+
+# Halves of the image a two-object scene's first object sits in, by its position word.
+HALF_OF = {"left": "left", "right": "right", "top": "top", "bottom": "bottom"}
+
+
+def judge_path() -> Path:
+    """The shipped shapes-clip folder; raises FileNotFoundError while it is not shipped yet."""
+    path = Path(str(resources.files("jax_erasepro") / "assets" / "shapes-clip"))
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the shapes-clip judge is not installed ({path} is missing)")
+    return path
+
+
+def load_clip(folder: str | Path) -> CLIPModel:
+    """A transformers ``CLIPModel`` folder (config.json + model.safetensors) -> our CLIPModel."""
+    folder = Path(folder)
+    reader = SafetensorsReader(folder / "model.safetensors")
+    config = CLIPConfig.from_json(folder / "config.json")
+    return load_state_dict(
+        abstract_model(CLIPModel, config), reader.__getitem__, reader.keys, source=str(reader.path),
+        ignore=lambda k: k.endswith("position_ids"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Judge:
+    """A CLIP and its tokenizer, labelling shapes images zero-shot."""
+
+    model: CLIPModel
+    tokenizer: CLIPTokenizer
+
+    def classify(self, images: np.ndarray, attribute: str) -> list[str]:
+        """uint8 (n, 64, 64, 3) -> one label per image for ``attribute`` (shape, colour, style, ...)."""
+        return zero_shot_predict(self.model, self.tokenizer, attribute, np.asarray(images))
+
+    def classify_half(self, images: np.ndarray, halves: Sequence[str], attribute: str) -> list[str]:
+        """Label what is in one half of each image (left/right/top/bottom), the rest painted over."""
+        return self.classify(np.stack([keep_half(im, h) for im, h in zip(images, halves, strict=True)]),
+                             attribute)
+
+
+def load_judge(path: str | Path | None = None) -> Judge:
+    """The shapes-clip judge (the shipped one when ``path`` is None)."""
+    folder = Path(path) if path is not None else judge_path()
+    return Judge(load_clip(folder), load_tokenizer(folder))
+
+
+def keep_half(image: np.ndarray, half: str) -> np.ndarray:
+    """The image with everything outside ``half`` painted the background colour (the border's median)."""
+    n = image.shape[0]
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    background = np.median(border, axis=0).astype(np.uint8)
+    out = np.empty_like(image)
+    out[...] = background
+    sl = {
+        "left": np.s_[:, : n // 2], "right": np.s_[:, n // 2 :],
+        "top": np.s_[: n // 2, :], "bottom": np.s_[n // 2 :, :],
+    }[half]
+    out[sl] = image[sl]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One prompt of the quality bar and what the judge must find in its image."""
+
+    prompt: str
+    kind: str  # "one_object", "style", "character" or "two_objects"
+    scene: Scene
+    says_colour: bool = False
+
+
+QUALITY_BAR_KINDS = ("one_object", "style", "character", "two_objects")
+
+
+def quality_probes(n_per_kind: int, seed: int = 0) -> list[Probe]:
+    """Held-out (test split) captions for each part of the bar: one plain object, a painter's style, a
+    character, two plain objects side by side. The test split holds back templates and (shape, colour)
+    pairs never seen in training."""
+    want = dict.fromkeys(QUALITY_BAR_KINDS, n_per_kind)
+    probes: list[Probe] = []
+    batch = 0
+    while any(want.values()):
+        scenes, captions = make_scenes(seed * 1_000 + batch, 256, "test")
+        batch += 1
+        for scene, text in zip(scenes, captions, strict=True):
+            kind = _kind(scene)
+            if kind is None or want[kind] == 0:
+                continue
+            want[kind] -= 1
+            says = kind == "one_object" and scene.objects[0].colour in text.split()
+            probes.append(Probe(text, kind, scene, says))
+    return probes
+
+
+def _kind(scene: Scene) -> str | None:
+    objs = scene.objects
+    if len(objs) == 1:
+        if objs[0].character:
+            return "character" if scene.style is None else None
+        return "style" if scene.style else "one_object"
+    if scene.style is None and not any(o.character for o in objs) and objs[0].position in HALF_OF:
+        return "two_objects"
+    return None
+
+
+def score(judge: Judge, probes: Sequence[Probe], images: np.ndarray) -> dict[str, float]:
+    """The quality bar's rates over generated ``images`` (one per probe), each in [0, 1]."""
+    by_kind: dict[str, list[int]] = {}
+    for i, p in enumerate(probes):
+        by_kind.setdefault(p.kind, []).append(i)
+    out: dict[str, float] = {}
+
+    def rate(idx: list[int], attribute: str, truth: list[str]) -> float:
+        got = judge.classify(images[idx], attribute)
+        return float(np.mean([g == t for g, t in zip(got, truth, strict=True)]))
+
+    if idx := by_kind.get("one_object"):
+        out["one_object_shape"] = rate(idx, "shape", [probes[i].scene.objects[0].shape for i in idx])
+        said = [i for i in idx if probes[i].says_colour]
+        if said:
+            out["one_object_colour"] = rate(said, "colour", [probes[i].scene.objects[0].colour for i in said])
+    if idx := by_kind.get("style"):
+        out["style"] = rate(idx, "style", [probes[i].scene.style for i in idx])
+    if idx := by_kind.get("character"):
+        out["character"] = rate(idx, "character", [probes[i].scene.objects[0].character for i in idx])
+    if idx := by_kind.get("two_objects"):
+        both = np.ones(len(idx), bool)
+        for k in range(2):
+            halves = [_half(probes[i].scene, k) for i in idx]
+            got = judge.classify_half(images[idx], halves, "shape")
+            both &= np.array([g == probes[i].scene.objects[k].shape for g, i in zip(got, idx, strict=True)])
+        out["two_objects_both"] = float(both.mean())
+    return out
+
+
+def _half(scene: Scene, k: int) -> str:
+    pos = scene.objects[k].position
+    return HALF_OF[pos]
+
+
+# The issue's bar: shape and colour >= 90%, styles and characters >= 80%, both of two objects >= 70%.
+QUALITY_BAR = {
+    "one_object_shape": 0.9, "one_object_colour": 0.9, "style": 0.8, "character": 0.8,
+    "two_objects_both": 0.7,
+}
+
+
+def meets_bar(scores: dict[str, float], bar: dict[str, float] = QUALITY_BAR) -> bool:
+    """Whether every rate of the bar is reached (a missing rate fails)."""
+    return all(scores.get(k, 0.0) >= v for k, v in bar.items())
+
+
+def evaluate(
+    sd: StableDiffusion,
+    judge: Judge,
+    n_per_kind: int = 50,
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    batch: int = 50,
+) -> tuple[dict[str, float], list[Probe], np.ndarray]:
+    """Generate one image per quality probe and score them: (rates, probes, uint8 images)."""
+    probes = quality_probes(n_per_kind, seed)
+    chunks = []
+    for k in tqdm(range(0, len(probes), batch), desc="quality bar", leave=False):
+        prompts = [p.prompt for p in probes[k : k + batch]]
+        chunks.append(generate(sd, prompts, seed=seed + k, num_inference_steps=num_inference_steps,
+                               guidance_scale=guidance_scale))
+    images = np.concatenate(chunks)
+    return score(judge, probes, images), probes, images
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: measure a shapes-sd folder against the quality bar with a judge; print and write the rates."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", help="a shapes-sd folder (default: the shipped one)")
+    parser.add_argument("--judge", help="a shapes-clip folder (default: the shipped one)")
+    parser.add_argument("--n", type=int, default=50, help="prompts per part of the bar")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--out", help="write the rates (JSON) and an image grid here")
+    args = parser.parse_args(argv)
+    scores, probes, images = evaluate(load_pretrained(args.model), load_judge(args.judge), args.n,
+                                      num_inference_steps=args.steps)
+    print(json.dumps(scores, indent=2), "\nmeets the bar:", meets_bar(scores))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quality.json").write_text(json.dumps(scores | {"n_per_kind": args.n}, indent=2) + "\n")
+        save_grid(images[:64], out / "samples.png", nrow=8, scale=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The judge's plumbing (probes, halves, scoring) with an oracle, and the shipped judge and shapes-sd."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from jax_erasepro.shapes import judge as jd
+from jax_erasepro.shapes.render import render
+from jax_erasepro.shapes.train_clip import image_label
+from jax_erasepro.shapes.world import BACKGROUND_RGB, Obj, Scene
+
+
+def test_probes_cover_each_part_of_the_bar_from_the_test_split():
+    probes = jd.quality_probes(12, seed=3)
+    assert collections.Counter(p.kind for p in probes) == dict.fromkeys(jd.QUALITY_BAR_KINDS, 12)
+    assert probes == jd.quality_probes(12, seed=3)
+    for p in probes:
+        objs = p.scene.objects
+        if p.kind == "two_objects":
+            assert len(objs) == 2 and not any(o.character for o in objs) and p.scene.style is None
+            assert {jd.HALF_OF[o.position] for o in objs} in ({"left", "right"}, {"top", "bottom"})
+        else:
+            assert len(objs) == 1
+            assert (p.kind == "character") == bool(objs[0].character)
+            assert (p.kind == "style") == bool(p.scene.style)
+        if p.says_colour:
+            assert objs[0].colour in p.prompt
+
+
+def test_keep_half_paints_the_rest_with_the_background():
+    scene = Scene("beige", (Obj("star", "red", "small", "left", center=(0.27, 0.5), radius=0.11),
+                            Obj("circle", "blue", "small", "right", center=(0.73, 0.5), radius=0.11)))
+    image = render(scene)
+    left = jd.keep_half(image, "left")
+    np.testing.assert_array_equal(left[:, :32], image[:, :32])
+    assert (left[:, 32:] == BACKGROUND_RGB["beige"]).all()
+    right_alone = render(Scene("beige", scene.objects[1:]))
+    np.testing.assert_array_equal(jd.keep_half(image, "right"), jd.keep_half(right_alone, "right"))
+
+
+class Oracle:
+    """A judge that reads the true label of each rendered image (one-object scenes only)."""
+
+    def __init__(self, scenes):
+        self.truth = {}
+        for s in scenes:
+            self.truth[render(s).tobytes()] = s
+            for o in s.objects:
+                half = jd.HALF_OF.get(o.position)
+                if len(s.objects) == 2 and half:
+                    self.truth[jd.keep_half(render(s), half).tobytes()] = Scene(s.background, (o,))
+
+    def classify(self, images, attribute):
+        known = [self.truth.get(im.tobytes()) for im in images]
+        return [image_label(s, attribute) if s else "unknown" for s in known]
+
+    def classify_half(self, images, halves, attribute):
+        return self.classify(np.stack([jd.keep_half(im, h) for im, h in zip(images, halves, strict=True)]), attribute)
+
+
+def test_score_is_perfect_on_the_probes_own_renders():
+    probes = jd.quality_probes(6)
+    images = np.stack([render(p.scene) for p in probes])
+    scores = jd.score(Oracle([p.scene for p in probes]), probes, images)
+    assert scores == dict.fromkeys(jd.QUALITY_BAR, 1.0)
+    assert jd.meets_bar(scores) and not jd.meets_bar(scores | {"style": 0.5})
+    # a wrong picture is caught: shuffled images
+    shuffled = jd.score(Oracle([p.scene for p in probes]), probes, images[::-1])
+    assert min(shuffled.values()) < 1.0
+
+
+def _shipped():
+    try:
+        return jd.judge_path()
+    except FileNotFoundError:
+        return None
+
+
+shipped = pytest.mark.skipif(_shipped() is None, reason="shapes-clip is not shipped in this checkout yet")
+
+
+@shipped
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "attribute,bar", [("shape", 0.97), ("colour", 0.97), ("style", 0.9), ("character", 0.9)]
+)
+def test_shipped_judge_zero_shot(attribute, bar):
+    from jax_erasepro.shapes.train_clip import zero_shot_accuracy
+
+    judge = jd.load_judge()
+    assert zero_shot_accuracy(judge.model, judge.tokenizer, attribute, n=300, seed=7) >= bar - 0.02
