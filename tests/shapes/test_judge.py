@@ -56,7 +56,8 @@ class Oracle:
         return [image_label(s, attribute) if s else "unknown" for s in known]
 
     def classify_half(self, images, halves, attribute):
-        return self.classify(np.stack([jd.keep_half(im, h) for im, h in zip(images, halves, strict=True)]), attribute)
+        halved = [jd.keep_half(im, h) for im, h in zip(images, halves, strict=True)]
+        return self.classify(np.stack(halved), attribute)
 
 
 def test_score_is_perfect_on_the_probes_own_renders():
