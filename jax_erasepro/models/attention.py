@@ -13,28 +13,39 @@ from jax_erasepro.models.resnet import conv, group_norm
 QUERY_CHUNK = 64
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-    b, n, c = q.shape
-    d = c // heads
-    q = q.reshape(b, n, heads, d) * (d**-0.5)
-    k = k.reshape(b, -1, heads, d)
-    v = v.reshape(b, -1, heads, d)
-    weights = jax.nn.softmax(jnp.einsum("bnhd,bmhd->bhnm", q, k), axis=-1)
-    return jnp.einsum("bhnm,bmhd->bnhd", weights, v).reshape(b, n, c)
-
-
-def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+def multi_head_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, causal: bool = False
+) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v over ``heads`` heads: (B, N, H*d), (B, M, H*d) -> (B, N, H*d), in float32.
+    ``causal``: query i sees keys 0..i only (CLIP's text tower).
 
-    Exact (no online softmax): each block of ``QUERY_CHUNK`` queries sees all keys.
+    Exact (no online softmax): each block of ``QUERY_CHUNK`` queries sees all keys. Heads lead and keys
+    are transposed once, so both products are plain batched matmuls, and the softmax's division is
+    applied to the (N, d) output rather than the (N, M) weights: ~2x faster than einsums on CPU.
     """
     b, n, c = q.shape
+    d = c // heads
+    q = (q * d**-0.5).reshape(b, n, heads, d).transpose(0, 2, 1, 3)  # (B, H, N, d)
+    kt = k.reshape(b, -1, heads, d).transpose(0, 2, 3, 1)  # (B, H, d, M)
+    v = v.reshape(b, -1, heads, d).transpose(0, 2, 1, 3)  # (B, H, M, d)
+
+    def block(qb: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+        scores = qb @ kt
+        if causal:
+            rows = start + jnp.arange(qb.shape[2])[:, None]
+            scores = jnp.where(rows >= jnp.arange(kt.shape[-1]), scores, -jnp.inf)
+        e = jnp.exp(scores - scores.max(-1, keepdims=True))
+        return (e @ v) / e.sum(-1, keepdims=True)
+
     if n <= QUERY_CHUNK:
-        return _attention(q, k, v, heads)
-    pad = -n % QUERY_CHUNK
-    blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, QUERY_CHUNK, c).swapaxes(0, 1)
-    out = jax.lax.map(lambda block: _attention(block, k, v, heads), blocks)
-    return out.swapaxes(0, 1).reshape(b, n + pad, c)[:, :n]
+        out = block(q)
+    else:
+        pad = -n % QUERY_CHUNK
+        blocks = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, heads, -1, QUERY_CHUNK, d)
+        starts = jnp.arange(blocks.shape[2]) * QUERY_CHUNK
+        out = jax.lax.map(lambda a: block(*a), (jnp.moveaxis(blocks, 2, 0), starts))
+        out = jnp.moveaxis(out, 0, 2).reshape(b, heads, n + pad, d)[:, :, :n]
+    return out.transpose(0, 2, 1, 3).reshape(b, n, c)
 
 
 class Attention(nnx.Module):

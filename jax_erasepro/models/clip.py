@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_erasepro.models.attention import multi_head_attention
 from jax_erasepro.models.config import ConfigError, JsonConfig
 
 ACTIVATIONS = {
@@ -135,11 +136,8 @@ class CLIPAttention(nnx.Module):
         self.out_proj = nnx.Linear(d, d, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, d = x.shape
-        heads = (b, t, self.num_heads, d // self.num_heads)
-        q, k, v = (p(x).reshape(heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.out_proj(out.reshape(b, t, d))
+        q, k, v = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(multi_head_attention(q, k, v, self.num_heads, causal=self.causal))
 
 
 class CLIPMLP(nnx.Module):

@@ -58,10 +58,11 @@ def clip_config(size: str = "small") -> CLIPConfig:
 
 
 def train_config(out: str | Path, steps: int = 20_000, seed: int = 0) -> TrainConfig:
-    """The recipe. shapes-sd's text encoder is seed 0, the judge shapes-clip seed 1 (nothing else differs):
+    """The recipe. shapes-sd's text encoder is seed 0; the judge shapes-clip is seed 1 (other data, other
+    order) with counterfactual twins, which it needs to tell shapes apart at the bar's 97%:
 
-    python -m jax_erasepro.shapes.train_clip --out runs/shapes-clip-text --steps 20000 --seed 0
-    python -m jax_erasepro.shapes.train_clip --out runs/shapes-clip-judge --steps 20000 --seed 1
+    python -m jax_erasepro.shapes.train_clip --out runs/shapes-clip-text --steps 1300 --seed 0
+    python -m jax_erasepro.shapes.train_clip --out runs/shapes-judge --steps 3000 --seed 1 --counterfactuals
     """
     return TrainConfig(
         steps=steps, batch_size=128, lr=1e-3, warmup_steps=min(500, steps // 10), end_lr_ratio=0.05,

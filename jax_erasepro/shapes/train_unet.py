@@ -36,6 +36,7 @@ SCHEDULER = SchedulerConfig.from_dict({"_class_name": "PNDMScheduler", **SD_SCHE
 P_UNCOND = 0.1  # captions replaced by "" (the unconditional prompt of classifier-free guidance)
 # The pipelines always feed all 77 token states (padding included), so training sees the same.
 TEXT_TOKENS = 77
+REUSE = 4  # steps each rendered and encoded image is trained on (see unet_batches)
 
 
 def unet_config(size: str = "small", cross_attention_dim: int = 128) -> UNet2DConditionConfig:
@@ -57,14 +58,14 @@ def unet_config(size: str = "small", cross_attention_dim: int = 128) -> UNet2DCo
     )
 
 
-def train_config(out: str | Path, steps: int = 20_000, seed: int = 0) -> TrainConfig:
+def train_config(out: str | Path, steps: int = 12_000, seed: int = 0) -> TrainConfig:
     """The recipe, after train_vae and train_clip (seed 0) have exported their folders:
 
-    python -m jax_erasepro.shapes.train_unet --out runs/shapes-unet --steps 20000 \
+    python -m jax_erasepro.shapes.train_unet --out runs/shapes-unet --steps 12000 \
         --vae runs/shapes-vae/vae --text-encoder runs/shapes-clip-text
     """
     return TrainConfig(
-        steps=steps, batch_size=128, lr=3e-4, warmup_steps=min(500, steps // 10), end_lr_ratio=0.1,
+        steps=steps, batch_size=64, lr=4e-4, warmup_steps=min(500, steps // 10), end_lr_ratio=0.1,
         weight_decay=0.01, grad_clip=1.0, seed=seed, log_every=50, ckpt_every=250,
         ckpt_dir=str(Path(out) / "ckpt"), ema_decay=0.999,
     )
@@ -105,17 +106,38 @@ def unet_batches(
     tokenizer: CLIPTokenizer,
     batch_size: int,
     seed: int,
+    reuse: int = REUSE,
 ) -> Callable[[int], dict[str, jax.Array]]:
-    """step -> latents and text states of fresh train renders, ``P_UNCOND`` of the captions set to ""."""
+    """step -> latents and text states of train renders, ``P_UNCOND`` of the captions set to "".
+
+    Renders come in blocks of ``batch_size // reuse``; step s takes blocks s, s+1, ..., s+reuse-1, so each
+    block is rendered and encoded once and seen in ``reuse`` consecutive steps, each time beside other
+    blocks and under fresh noise and timesteps. This cuts the frozen encoders' share of a step by ``reuse``.
+    Calls must come in increasing step order to hit the cache (any order gives the same batches).
+    """
+    if batch_size % reuse:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of reuse {reuse}")
+    block_size = batch_size // reuse
+    cache: dict[int, tuple[jax.Array, jax.Array]] = {}
+
+    def block(b: int) -> tuple[jax.Array, jax.Array]:
+        if b not in cache:
+            images, captions, _ = make_batch(seed * 1_000_000 + b, block_size, "train")
+            drop = np.random.default_rng((seed, b)).random(block_size) < P_UNCOND
+            captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
+            ids = tokenize(tokenizer, captions, max_length=TEXT_TOKENS)
+            key = jax.random.fold_in(jax.random.key(seed + 1), b)  # not the step's own key stream
+            cache[b] = encode(images, ids, key)
+        return cache[b]
 
     def batch(step: int) -> dict[str, jax.Array]:
-        images, captions, _ = make_batch(seed * 1_000_000 + step, batch_size, "train")
-        drop = np.random.default_rng((seed, step)).random(batch_size) < P_UNCOND
-        captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
-        ids = tokenize(tokenizer, captions, max_length=TEXT_TOKENS)
-        key = jax.random.fold_in(jax.random.key(seed + 1), step)  # not the step's own key stream
-        latents, context = encode(images, ids, key)
-        return {"latents": latents, "context": context}
+        blocks = [block(step + k) for k in range(reuse)]
+        for b in [b for b in cache if b < step]:
+            del cache[b]
+        return {
+            "latents": jnp.concatenate([latents for latents, _ in blocks]),
+            "context": jnp.concatenate([context for _, context in blocks]),
+        }
 
     return batch
 
@@ -145,7 +167,7 @@ def load_unet(folder: str | Path) -> UNet2DConditionModel:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: train (or resume) the shapes UNet on the frozen VAE and text encoder, export it to OUT/unet."""
-    parser = run_parser(main.__doc__, steps=20_000, batch_size=128)
+    parser = run_parser(main.__doc__, steps=12_000, batch_size=64)
     parser.add_argument("--vae", required=True, help="the trained VAE's folder (train_vae's OUT/vae)")
     parser.add_argument("--text-encoder", required=True, help="the exported shapes CLIP (train_clip's OUT)")
     args = parser.parse_args(argv)

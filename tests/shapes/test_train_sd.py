@@ -44,7 +44,7 @@ def folders(tmp_path_factory):
     text_encoder = tu.load_text_encoder(root / "clip")
     unet = tu.UNet2DConditionModel(tu.unet_config("tiny", text_encoder.config.hidden_size), rngs=nnx.Rngs(2))
     encode = tu.frozen_encoder(tv.load_vae(root / "vae"), text_encoder)
-    batches = tu.unet_batches(encode, load_tokenizer(tc.TOKENIZER_DIR), 4, 0)
+    batches = tu.unet_batches(encode, load_tokenizer(tc.TOKENIZER_DIR), 4, 0, reuse=2)
     train(unet, tu.diffusion_loss, batches, TrainConfig(steps=2, log_every=1, ema_decay=0.9))
     tu.export(unet, root / "unet")
     sb.build(root / "vae", root / "unet", root / "clip", root / "sd")
@@ -90,12 +90,31 @@ def test_caption_dropout_and_batch_determinism():
     """About P_UNCOND of the captions become "" (BOS, EOS, padding), and a step's batch is reproducible."""
     tokenizer = load_tokenizer(tc.TOKENIZER_DIR)
     empty = tokenize(tokenizer, [""], max_length=tu.TEXT_TOKENS)[0]
-    batches = tu.unet_batches(lambda images, ids, key: (images, ids), tokenizer, 100, 0)
+    batches = tu.unet_batches(lambda images, ids, key: (images, ids), tokenizer, 100, 0, reuse=1)
     ids = np.concatenate([batches(s)["context"] for s in range(10)])
     assert ids.shape[1] == tu.TEXT_TOKENS
     dropped = np.all(ids == empty, axis=1).mean()
     assert 0.05 < dropped < 0.15
     np.testing.assert_array_equal(batches(3)["latents"], batches(3)["latents"])
+
+
+def test_blocks_are_reused_across_consecutive_steps():
+    """With reuse r, step s+1's batch is step s's without its first block, plus one new block."""
+    tokenizer = load_tokenizer(tc.TOKENIZER_DIR)
+    calls = []
+
+    def encode(images, ids, key):
+        calls.append(len(images))
+        return images, ids
+
+    batches = tu.unet_batches(encode, tokenizer, 8, 0, reuse=4)
+    a, b = batches(5)["latents"], batches(6)["latents"]
+    assert calls == [2] * 5  # blocks 5..8 for step 5, then only block 9
+    np.testing.assert_array_equal(a[2:], b[:6])
+    fresh = tu.unet_batches(encode, tokenizer, 8, 0, reuse=4)
+    np.testing.assert_array_equal(fresh(6)["latents"], b)  # a resumed run sees the same batches
+    with pytest.raises(ValueError, match="multiple"):
+        tu.unet_batches(encode, tokenizer, 10, 0, reuse=4)
 
 
 @pytest.fixture(scope="module")
