@@ -1,13 +1,11 @@
 """save_pretrained(format="lora"): diffusers reads the file, and base + B A is the edited model."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from safetensors.numpy import load_file
 
 from jax_erasepro.delta import replace_tensors
 from jax_erasepro.lora import LoraError, lora_factors
@@ -17,7 +15,6 @@ from jax_erasepro.weights import to_state_dict
 from tests.conftest import assert_close
 from tests.torch_bridge import torch_pipeline
 
-HAS_PEFT = importlib.util.find_spec("peft") is not None
 UNET_KEYS = [
     "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
     "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v.weight",
@@ -66,27 +63,9 @@ def test_ranks_and_record(lora_dir):
 
 
 def _merged_base(base, lora_dir) -> StableDiffusionPipeline:
-    """The base in diffusers with the LoRA: load_lora_weights when peft is installed, else W + B A by hand."""
+    """The base in diffusers with the LoRA applied by diffusers' own ``load_lora_weights`` (peft backend)."""
     pipe = torch_pipeline(base)
-    if HAS_PEFT:
-        pipe.load_lora_weights(str(lora_dir))
-        return pipe
-    with pytest.raises(ValueError, match="PEFT backend is required"):
-        pipe.load_lora_weights(str(lora_dir))
-    # diffusers' own reader accepts the file and leaves the PEFT keys as they are (no conversion needed)
-    state, alphas = StableDiffusionPipeline.lora_state_dict(str(lora_dir))
-    assert alphas is None and set(state) == set(load_file(lora_dir / "pytorch_lora_weights.safetensors"))
-    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    for key, a in state.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        comp, name = key.removesuffix(".lora_A.weight").split(".", 1)
-        if comp == "text_encoder" and not hasattr(pipe.text_encoder, "text_model"):
-            name = name.removeprefix("text_model.")  # what diffusers does for transformers 5's flat CLIP
-        layer = modules[comp].get_submodule(name)
-        b = state[key.replace("lora_A", "lora_B")]
-        with torch.no_grad():
-            layer.weight += b.float() @ a.float()
+    pipe.load_lora_weights(str(lora_dir))
     return pipe
 
 

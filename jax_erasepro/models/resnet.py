@@ -13,17 +13,32 @@ def group_norm(channels: int, groups: int, eps: float, *, rngs: nnx.Rngs) -> nnx
     return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False, rngs=rngs)
 
 
-# XLA:CPU lowers a 3x3 conv on a 2x2 map (and its gradients) to a slow generic path, ~20x a matmul of the
-# same size (benchmarks: 19 ms vs 1 ms at batch 64, 192 channels); below this size we use im2col instead.
-IM2COL_MAX_SIDE = 2
+# XLA:CPU's convolution is slow on small maps: a 3x3 conv on a 2x2 map (and its gradients) takes ~20x a
+# matmul of the same size (19 ms vs 1 ms at batch 64, 192 channels), and SD's 8x8 and 16x16 maps with
+# 640-2560 input channels run 1.4-3x slower than one im2col matmul (83 vs 28 ms for 8x8, 1280 -> 1280).
+# On maps of 32x32 and more, or few channels, XLA's own convolution wins (it avoids im2col's 9x copy).
+IM2COL_MAX_SIDE = 2  # always im2col at or below this side
+IM2COL_MAX_PIXELS, IM2COL_MIN_CHANNELS = 256, 512  # ... and on maps this small with this many channels
+
+
+def use_im2col(height: int, width: int, channels: int) -> bool:
+    """Whether a stride-1 conv on this map runs faster as one im2col matmul (on the CPU backend)."""
+    if jax.default_backend() != "cpu":
+        return False
+    small = min(height, width) <= IM2COL_MAX_SIDE
+    return small or (height * width <= IM2COL_MAX_PIXELS and channels >= IM2COL_MIN_CHANNELS)
 
 
 class Conv2d(nnx.Conv):
-    """``nnx.Conv`` (NHWC, explicit padding) that computes tiny feature maps as one im2col matmul."""
+    """``nnx.Conv`` (NHWC, explicit padding) that computes small maps as one im2col matmul on CPU."""
 
     def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:  # noqa: ANN001
         kh, kw = self.kernel_size
-        if min(x.shape[1:3]) > IM2COL_MAX_SIDE or self.strides not in (1, (1, 1)) or kh * kw == 1:
+        stride1 = self.strides in (1, (1, 1))
+        if kh * kw == 1 and stride1 and self.padding == ((0, 0), (0, 0)):  # a 1x1 conv is a matmul
+            y = x @ self.kernel[0, 0]
+            return y + self.bias[...] if self.bias is not None else y
+        if not use_im2col(x.shape[1], x.shape[2], x.shape[3]) or not stride1:
             return super().__call__(x, out_sharding=out_sharding)
         (top, bottom), (left, right) = self.padding
         h, w = x.shape[1] + top + bottom - kh + 1, x.shape[2] + left + right - kw + 1
