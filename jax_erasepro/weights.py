@@ -11,6 +11,7 @@ Loading is strict: every missing, unexpected, mis-shaped or non-finite tensor ra
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Container, Iterator, Mapping
 from typing import Any
 
@@ -145,6 +146,8 @@ def load_state_dict(
         raise WeightsError(f"{source}: unexpected key {unexpected[0]!r}{more}")
     np_dtype = np.dtype(dtype)
     buffers: dict[tuple[Any, ...], Any] = {}
+    layers: dict[tuple[Any, ...], dict[int, jax.Array]] = {}
+    finite: list[tuple[str, jax.Array]] = []
     for path, key, i, leaf in param_entries(abstract):
         target = flat[path]
         want = tuple(target.shape) if i is None else tuple(target.shape[1:])
@@ -153,34 +156,28 @@ def load_state_dict(
             raise WeightsError(
                 f"{source}: key {key!r} has shape {arr.shape}, the config expects {_hf_shape(leaf, want)}"
             )
-        if check_finite and not _all_finite(arr):
-            raise WeightsError(f"{source}: key {key!r} holds NaN or inf values")
-        arr = to_flax_layout(leaf, arr)  # a view: the one copy is into the param below
-        if i is None:  # to a device array now, so the source tensor can be freed before the next one
-            buffers[path] = _to_jax(arr, np_dtype)
+        # one contiguous copy of the source, then layout, cast and finiteness in one XLA pass: its tiled,
+        # multi-threaded transposes are ~7x faster than numpy's strided copies of the same tensors
+        param, ok = _prepare(jax.device_put(arr), leaf, np_dtype, check_finite and arr.dtype.kind == "f")
+        finite.append((key, ok))
+        if i is None:
+            buffers[path] = param
         else:
-            if path not in buffers:
-                buffers[path] = np.empty(target.shape, arr.dtype)
-            buffers[path][i] = arr
-    new = {
-        path: var.replace(_to_jax(buffers[path], np_dtype)) if path in buffers else var
-        for path, var in flat.items()
-    }
+            layers.setdefault(path, {})[i] = param
+    for path, by_index in layers.items():
+        buffers[path] = jnp.stack([by_index[i] for i in range(len(by_index))])
+    for key, ok in finite:
+        if not bool(ok):
+            raise WeightsError(f"{source}: key {key!r} holds NaN or inf values")
+    new = {path: var.replace(buffers[path]) if path in buffers else var for path, var in flat.items()}
     return nnx.merge(graphdef, nnx.from_flat_state(new))
 
 
-def _all_finite(arr: np.ndarray) -> bool:
-    """No NaN/inf in ``arr``: one summing pass (no temporary), the full check only if the sum is inf/NaN."""
-    acc = np.float64 if arr.dtype == np.float64 else np.float32
-    if arr.dtype.kind != "f" or np.isfinite(arr.sum(dtype=acc)):
-        return True
-    return bool(np.isfinite(arr).all())
-
-
-def _to_jax(arr: np.ndarray, dtype: np.dtype) -> jax.Array:
-    """Copy into a JAX array, casting on the JAX side (XLA casts far faster than numpy's strided astype)."""
-    out = jnp.asarray(arr)
-    return out if out.dtype == dtype else out.astype(dtype)
+@functools.partial(jax.jit, static_argnames=("leaf", "dtype", "check"))
+def _prepare(raw: jax.Array, leaf: str, dtype: np.dtype, check: bool) -> tuple[jax.Array, jax.Array]:
+    """A source tensor in its param's layout and dtype, and whether it holds only finite values."""
+    ok = jnp.all(jnp.isfinite(raw)) if check else jnp.bool_(True)
+    return to_flax_layout(leaf, raw).astype(dtype), ok
 
 
 class _ShapeOnlyRngs:

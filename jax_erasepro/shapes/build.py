@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import numpy as np
 from jax_erasepro import safefiles
 from jax_erasepro.pipeline import SDConfig, StableDiffusion
 from jax_erasepro.saving import save_pretrained
+from jax_erasepro.shapes.judge import load_clip
 from jax_erasepro.shapes.train_clip import TOKENIZER_DIR
+from jax_erasepro.shapes.train_clip import export as export_clip
 from jax_erasepro.shapes.train_unet import SCHEDULER, load_text_encoder, load_unet
 from jax_erasepro.shapes.train_vae import load_vae
 from jax_erasepro.tiny import MODEL_INDEX
@@ -56,9 +59,27 @@ def build(
     return out
 
 
+def build_judge(clip_dir: str | Path, out: str | Path, *, dtype: Any = np.float16) -> Path:
+    """Write the judge shapes-clip (a train_clip export) to ``out`` in ``dtype``, as transformers loads it.
+
+    The config asks for float32, so transformers upcasts the fp16 file as diffusers does for shapes-sd.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_clip(load_clip(clip_dir), tmp, dtype)
+    config = tmp / "config.json"
+    safefiles.write_json(config, json.loads(config.read_text()) | {"dtype": "float32"})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: python -m jax_erasepro.shapes.build --vae runs/shapes-vae/vae --unet runs/shapes-unet/unet
-    --text-encoder runs/shapes-clip-text --out runs/shapes-sd"""
+    --text-encoder runs/shapes-clip-text --out runs/shapes-sd [--judge runs/shapes-judge --judge-out DIR]"""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--vae", required=True, help="train_vae's OUT/vae")
     parser.add_argument("--unet", required=True, help="train_unet's OUT/unet")
@@ -66,7 +87,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--judge", help="train_clip's OUT of the judge run, written to --judge-out")
+    parser.add_argument("--judge-out", help="where the judge goes (e.g. jax_erasepro/assets/shapes-clip)")
     args = parser.parse_args(argv)
+    if bool(args.judge) != bool(args.judge_out):
+        parser.error("--judge and --judge-out go together")
+    if args.judge:
+        judge = build_judge(args.judge, args.judge_out, dtype=np.dtype(args.dtype))
+        print(f"wrote {judge}")
     out = build(args.vae, args.unet, args.text_encoder, args.out, dtype=args.dtype, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
     print(f"wrote {out} ({size / 1e6:.1f} MB of weights)")

@@ -1,0 +1,72 @@
+"""The shipped shapes-sd and shapes-clip: size budget, default loading, diffusers and transformers parity,
+and a smoke version of the quality bar. Skipped while the weights are not shipped in this checkout."""
+
+import numpy as np
+import pytest
+import torch
+
+from jax_erasepro.default_model import default_model_path
+from jax_erasepro.loading import load_pretrained
+from jax_erasepro.pipeline import generate
+from jax_erasepro.shapes import judge as jd
+from tests.conftest import assert_close
+
+
+def _paths():
+    try:
+        return default_model_path(), jd.judge_path()
+    except FileNotFoundError:
+        return None
+
+
+pytestmark = pytest.mark.skipif(_paths() is None, reason="shapes-sd / shapes-clip not shipped yet")
+PROMPTS = ["a big red star", "quibbet on the left"]
+LATENTS = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return load_pretrained()
+
+
+def test_budget_and_default(sd):
+    model, judge = _paths()
+    size = sum(f.stat().st_size for root in (model, judge) for f in root.rglob("*") if f.is_file())
+    assert size <= 60e6
+    assert str(sd.source.path) == str(model)
+    assert sd.config.unet.sample_size * 8 == 64
+
+
+def test_diffusers_draws_the_same_images(sd):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(default_model_path(), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=20, guidance_scale=7.5)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, latents=torch.from_numpy(LATENTS), output_type="np", **kw).images
+    ref = (ref * 255).round().astype(np.uint8)
+    ours = generate(sd, PROMPTS, latents=LATENTS, **kw)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 2
+
+
+def test_transformers_loads_the_judge():
+    from transformers import CLIPModel, CLIPTokenizer
+
+    ref = CLIPModel.from_pretrained(jd.judge_path()).eval()
+    judge = jd.load_judge()
+    tok = CLIPTokenizer.from_pretrained(jd.judge_path())
+    ids = tok(["a picture of a star", "zorbly"], padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        want = ref.get_text_features(input_ids=ids.input_ids)
+        want = getattr(want, "pooler_output", want)
+    got = judge.model.get_text_features(ids.input_ids.numpy())
+    assert_close(np.asarray(got), want.numpy())
+
+
+@pytest.mark.slow
+def test_smoke_quality_bar(sd):
+    """A few images per part of the bar (8 each, 50 steps): each rate within 0.15 of the bar."""
+    scores, _, _ = jd.evaluate(sd, jd.load_judge(), 8, seed=11)
+    for key, bar in jd.QUALITY_BAR.items():
+        assert scores[key] >= bar - 0.15, (key, scores)
