@@ -153,7 +153,8 @@ def _progressive(
         w, metrics = _solve(w_o, x, y, kind, requested & ~(first & first_soft), dist, rcond)
         for p, wi in zip(projs, w, strict=True):
             p.kernel.value = wi.T
-        return layer(h), (jnp.swapaxes(w, -1, -2), metrics)
+        # W stays in (d_out, d_in) layout: a transposed scan output is copied whole at every layer
+        return layer(h), (w, metrics)
 
     qkv, text_metrics = None, {}
     n_tail = y_states.shape[0] - 1 - start
@@ -271,7 +272,8 @@ def erase_erasepro(
     y_states, y_last = jax.block_until_ready(anchor_fn(params, y_ids))
     t_features = time.perf_counter()
     out = sweep_fn(params, unet_weights, x_ids, y_states, y_last, col_arrays)
-    qkv, new_unet, text_metrics, unet_metrics = _to_host(jax.block_until_ready(out))
+    qkv, new_unet, metrics = out[0], out[1], _to_host(jax.block_until_ready(out[2:]))
+    text_metrics, unet_metrics = metrics
     t_solve = time.perf_counter()
 
     finite = all(bool(np.all(m["finite"])) for m in [text_metrics, *unet_metrics] if m)
@@ -330,15 +332,16 @@ def erase_erasepro(
     return sd.replace(text_encoder=text_encoder, unet=unet), report
 
 
-def _replace_qkv(text_encoder: nnx.Module, start: int, qkv: np.ndarray) -> tuple[nnx.Module, list[str]]:
-    """A new text encoder whose stacked q/k/v kernels of layers [start, L) are ``qkv`` (L - start, 3, ...)."""
+def _replace_qkv(text_encoder: nnx.Module, start: int, qkv: jax.Array) -> tuple[nnx.Module, list[str]]:
+    """A new text encoder whose stacked q/k/v kernels of layers [start, L) are ``qkv`` (L - start, 3, ...),
+    given as (d_out, d_in) weights."""
     graphdef, state = nnx.split(text_encoder)
     flat = dict(nnx.to_flat_state(state))
     keys = []
     for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
         path = ("encoder", "layers", "self_attn", name, "kernel")
         var = flat[path]
-        flat[path] = var.replace(jnp.asarray(var[...]).at[start:].set(qkv[:, j]))
+        flat[path] = var.replace(jnp.asarray(var[...]).at[start:].set(jnp.swapaxes(qkv[:, j], -1, -2)))
         keys += [
             f"text_encoder.encoder.layers.{i}.self_attn.{name}.weight"
             for i in range(start, start + qkv.shape[0])
@@ -347,7 +350,7 @@ def _replace_qkv(text_encoder: nnx.Module, start: int, qkv: np.ndarray) -> tuple
 
 
 def _replace_buckets(
-    unet: nnx.Module, buckets: list, kernels: Sequence[np.ndarray]
+    unet: nnx.Module, buckets: list, kernels: Sequence[jax.Array]
 ) -> tuple[nnx.Module, list]:
     graphdef, state = nnx.split(unet)
     flat = dict(nnx.to_flat_state(state))

@@ -124,7 +124,38 @@ def _sigma_max(c: Array, iterations: int = 64) -> Array:
     return jnp.linalg.norm(c @ v)
 
 
-def _select_hard(c: Array, requested: Array, tol: Array, block: int = 64) -> tuple[Array, Array, Array]:
+def _select_hard(c: Array, requested: Array, tol: Array) -> tuple[Array, Array, Array]:
+    """``_select_hard_greedy``'s result, by one Householder QR when every requested column is admitted.
+
+    Greedy admission keeps requested columns in order while ||R^-1||_F <= 1 / tol over those kept; the R^-1
+    of a prefix is the leading block of the whole R^-1, so that norm only grows along the sequence and when
+    the whole requested set passes, greedy admits all of it. That common case (N <= d_in, full rank) then
+    costs one QR of the columns, requested ones first (whose leading block of R is their own R), instead of
+    K sequential steps. Q R differs from Gram-Schmidt's by column signs only, which C_h^+ = R^-1 Q^T and the
+    projector Q Q^T do not see.
+    """
+    d, k = c.shape
+    if k > d:
+        return _select_hard_greedy(c, requested, tol)
+    perm = jnp.argsort(~requested, stable=True)  # requested columns first, in their order
+    lead = jnp.arange(k) < jnp.sum(requested)
+    q, r = jnp.linalg.qr(c[:, perm])
+    block = lead[:, None] & lead[None, :]
+    r = jnp.where(block, r, jnp.eye(k, dtype=c.dtype))  # the requested block; identity elsewhere
+    r_inv = jnp.where(block, jax.scipy.linalg.solve_triangular(r, jnp.eye(k, dtype=c.dtype), lower=False), 0)
+    fro2 = jnp.sum(r_inv**2)
+    ok = jnp.all(jnp.diagonal(r) != 0) & jnp.isfinite(fro2) & (fro2 * tol**2 <= 1)
+    back = jnp.argsort(perm)
+
+    def fast(_: None) -> tuple[Array, Array, Array]:
+        return requested, jnp.where(lead, q, 0)[:, back], r_inv[back][:, back]
+
+    return jax.lax.cond(ok, fast, lambda _: _select_hard_greedy(c, requested, tol), None)
+
+
+def _select_hard_greedy(
+    c: Array, requested: Array, tol: Array, block: int = 64
+) -> tuple[Array, Array, Array]:
     """Greedy admission of ``c``'s columns in order while ||C_h^+||_F <= 1 / tol, so sigma_min(C_h) >= tol.
 
     Gram-Schmidt grows C_h = Q R and R^-1 (whose Frobenius norm is ||C_h^+||_F) one column at a time, in

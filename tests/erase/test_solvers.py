@@ -278,3 +278,24 @@ def test_uce_without_preservation_and_checks():
         uce_solve(jnp.asarray(w_o), jnp.asarray(x), jnp.asarray(y), jnp.asarray(x))
     with pytest.raises(ValueError, match="lam > 0"):
         uce_solve(jnp.asarray(w_o), jnp.asarray(x), jnp.asarray(y), lam=0.0)
+
+
+@pytest.mark.parametrize("case", ["all", "some_requested", "rank_deficient"])
+def test_qr_fast_path_equals_greedy_admission(case):
+    from jax_erasepro.erase.solvers import _select_hard, _select_hard_greedy
+
+    rng = np.random.default_rng(3)
+    c = rng.standard_normal((48, 20)).astype(np.float32) + 3.0  # a dominant mean direction, as CLIP's
+    requested = np.ones(20, bool)
+    if case == "some_requested":
+        requested[[1, 7, 8, 19]] = False
+    if case == "rank_deficient":
+        c[:, 5] = c[:, 2] + c[:, 3]
+    tol = jnp.float32(1e-4 * np.linalg.norm(c, 2))
+    kept, q, r_inv = _select_hard(jnp.asarray(c), jnp.asarray(requested), tol)
+    kept_g, q_g, r_inv_g = _select_hard_greedy(jnp.asarray(c), jnp.asarray(requested), tol)
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(kept_g))
+    assert (case == "rank_deficient") == (not bool(kept[5]))
+    # the same pseudo-inverse of the admitted columns and the same projector
+    assert_close(np.asarray(r_inv @ q.T), np.asarray(r_inv_g @ q_g.T), rel=1e-4)
+    assert_close(np.asarray(q @ q.T), np.asarray(q_g @ q_g.T), rel=1e-4)
