@@ -26,7 +26,10 @@ Precision = Literal["float32", "float64"]
 # on CLIP-like features (tests/erase/test_solvers.py), float32 then reaches relative residuals of ~1e-6 at
 # condition <= 1e3 and ~3e-5 at the cutoff; pass precision="float64" for tighter ones.
 DEFAULT_RCOND = 1e-4
-SOFT_SIZES = (64, 256)  # column counts of the smaller soft-part SVDs (up to all K columns)
+SOFT_SIZES = (64, 256)
+# Up to this many candidate columns, singular values come from an SVD of a (K, K) triangular factor
+# (0.3 ms at K = 77); beyond it, power iteration is cheaper.
+EXACT_SVD_MAX = 128  # column counts of the smaller soft-part SVDs (up to all K columns)
 
 
 class RankDeficientError(ValueError):
@@ -124,22 +127,26 @@ def _sigma_max(c: Array, iterations: int = 64) -> Array:
     return jnp.linalg.norm(c @ v)
 
 
-def _select_hard(c: Array, requested: Array, tol: Array) -> tuple[Array, Array, Array]:
-    """``_select_hard_greedy``'s result, by one Householder QR when every requested column is admitted.
+def _select_hard(c: Array, requested: Array, rcond: Array) -> tuple[Array, Array, Array, Array]:
+    """``_select_hard_greedy``'s result and its cutoff ``tol = rcond * sigma_max(c)``, by one Householder QR
+    when every requested column is admitted.
 
     Greedy admission keeps requested columns in order while ||R^-1||_F <= 1 / tol over those kept; the R^-1
     of a prefix is the leading block of the whole R^-1, so that norm only grows along the sequence and when
     the whole requested set passes, greedy admits all of it. That common case (N <= d_in, full rank) then
     costs one QR of the columns, requested ones first (whose leading block of R is their own R), instead of
-    K sequential steps. Q R differs from Gram-Schmidt's by column signs only, which C_h^+ = R^-1 Q^T and the
-    projector Q Q^T do not see.
+    K sequential steps; R also gives sigma_max(c). Q R differs from Gram-Schmidt's by column signs only,
+    which C_h^+ = R^-1 Q^T and the projector Q Q^T do not see.
     """
     d, k = c.shape
     if k > d:
-        return _select_hard_greedy(c, requested, tol)
+        tol = rcond * _sigma_max(c)
+        return (*_select_hard_greedy(c, requested, tol), tol)
     perm = jnp.argsort(~requested, stable=True)  # requested columns first, in their order
     lead = jnp.arange(k) < jnp.sum(requested)
     q, r = jnp.linalg.qr(c[:, perm])
+    s_max = jnp.linalg.svd(r, compute_uv=False)[0] if k <= EXACT_SVD_MAX else _sigma_max(r)
+    tol = rcond * s_max
     block = lead[:, None] & lead[None, :]
     r = jnp.where(block, r, jnp.eye(k, dtype=c.dtype))  # the requested block; identity elsewhere
     r_inv = jnp.where(block, jax.scipy.linalg.solve_triangular(r, jnp.eye(k, dtype=c.dtype), lower=False), 0)
@@ -150,7 +157,7 @@ def _select_hard(c: Array, requested: Array, tol: Array) -> tuple[Array, Array, 
     def fast(_: None) -> tuple[Array, Array, Array]:
         return requested, jnp.where(lead, q, 0)[:, back], r_inv[back][:, back]
 
-    return jax.lax.cond(ok, fast, lambda _: _select_hard_greedy(c, requested, tol), None)
+    return (*jax.lax.cond(ok, fast, lambda _: _select_hard_greedy(c, requested, tol), None), tol)
 
 
 def _select_hard_greedy(
@@ -228,8 +235,7 @@ def _constrained(
     n_c = k if candidates is None else candidates  # only the first n_c columns can be hard
     order = jnp.argsort(priority[:n_c], descending=True, stable=True)
     c_sorted = c[:, order]
-    tol = rcond * _sigma_max(c_sorted)
-    kept, q, r_inv = _select_hard(c_sorted, hard[:n_c][order], tol)
+    kept, q, r_inv, tol = _select_hard(c_sorted, hard[:n_c][order], rcond)
     hard = jnp.zeros(k, bool).at[order].set(kept)
     resid = t - w0 @ c  # (..., d_out, K): what the edit D = W - W_o must add on each column
     # Hard part: D_h = R_h C_h^+ = R_h R^-1 Q^T (sorted order), the minimal-norm D with D C_h = R_h.
@@ -264,7 +270,13 @@ def _constrained(
     delta = w.astype(dtype) - w0
     rank = jnp.sum(kept)
     # sigma_max(C_h) and 1 / sigma_min(C_h) = ||R^-1||_2 by power iteration (no SVD of the hard block)
-    s_max, s_min = _sigma_max(c_h, 256), 1 / jnp.maximum(_sigma_max(r_inv, 256), jnp.finfo(dtype).tiny)
+    if n_c <= EXACT_SVD_MAX:  # R^-1's nonzero singular values are 1 / those of C_h
+        sv = jnp.linalg.svd(r_inv, compute_uv=False)
+        s_min = 1 / jnp.maximum(sv[0], jnp.finfo(dtype).tiny)
+        s_max = 1 / jnp.maximum(jnp.min(jnp.where(sv > 0, sv, jnp.inf)), jnp.finfo(dtype).tiny)
+    else:
+        s_max = _sigma_max(c_h, 256)
+        s_min = 1 / jnp.maximum(_sigma_max(r_inv, 256), jnp.finfo(dtype).tiny)
     report = SolveReport(
         hard=hard,
         preserved=preserved,
