@@ -44,10 +44,10 @@ def vae_config(size: str = "small") -> AutoencoderKLConfig:
     )
 
 
-def train_config(out: str | Path, steps: int = 10_000, seed: int = 0) -> TrainConfig:
+def train_config(out: str | Path, steps: int = 6_000, seed: int = 0) -> TrainConfig:
     """The recipe:
 
-    python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae --steps 10000
+    python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae --steps 6000
     """
     return TrainConfig(
         steps=steps, batch_size=32, lr=4e-4, warmup_steps=min(500, steps // 10), end_lr_ratio=0.05,
@@ -134,7 +134,7 @@ def load_vae(folder: str | Path) -> AutoencoderKL:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: train (or resume) the shapes VAE, set its scaling_factor, export it to --out, print its PSNR."""
-    parser = run_parser(main.__doc__, steps=10_000, batch_size=32)
+    parser = run_parser(main.__doc__, steps=6_000, batch_size=32)
     parser.add_argument("--eval-n", type=int, default=1000, help="held-out renders for the PSNR")
     args = parser.parse_args(argv)
     config = prepare_run(parser, args, train_config(args.out, args.steps, args.seed))
