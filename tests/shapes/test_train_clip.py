@@ -138,3 +138,22 @@ def test_counterfactual_batches(tokenizer):
     assert batch["images"].shape == (16, 64, 64, 3) and batch["input_ids"].shape == (16, tc.TRAIN_TOKENS)
     again = tc.clip_batches(tokenizer, 16, 1, counterfactuals=True)(5)
     np.testing.assert_array_equal(batch["images"], again["images"])
+
+
+def test_prompt_supervision_labels_and_loss(tokenizer, trained):
+    batch = tc.clip_batches(tokenizer, 16, 2, counterfactuals=True, prompt_supervision=True)(1)
+    scenes, _ = tc.make_scenes(2 * 1_000_000 + 1, 8, "train")
+    labels = tc.scene_labels(scenes)
+    for scene, row in zip(scenes, labels, strict=True):
+        if len(scene.objects) != 1:
+            assert (row == -1).all()
+            continue
+        for k, a in enumerate(tc.ATTRIBUTES):
+            assert list(judge_prompts(a))[row[k]] == tc.image_label(scene, a)
+    np.testing.assert_array_equal(batch["labels"][:8], labels)
+    lo, hi = tc.PROMPT_SLICES["shape"]
+    assert batch["prompt_ids"].shape == (tc.PROMPT_SLICES["character"][1], tc.TRAIN_TOKENS) and hi - lo == 10
+    loss, metrics = tc.contrastive_loss(trained, batch, None)
+    plain, _ = tc.contrastive_loss(trained, {k: batch[k] for k in ("images", "input_ids")}, None)
+    extra = sum(float(metrics[f"{a}_ce"]) for a in tc.ATTRIBUTES)
+    np.testing.assert_allclose(float(loss), float(plain) + extra, rtol=1e-5)
