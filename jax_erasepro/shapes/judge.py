@@ -29,7 +29,8 @@ from jax_erasepro.shapes.world import Scene
 from jax_erasepro.tokenizer import load_tokenizer
 from jax_erasepro.weights import abstract_model, load_state_dict
 
-# Halves of the image a two-object scene's first object sits in, by its position word.
+# The half of the image an object of a two-object scene sits in, by its position word (pairs are
+# left/right or top/bottom, see world.PAIR_POSITIONS).
 HALF_OF = {"left": "left", "right": "right", "top": "top", "bottom": "bottom"}
 
 
