@@ -29,9 +29,9 @@ from jax_erasepro.shapes.world import Scene
 from jax_erasepro.tokenizer import load_tokenizer
 from jax_erasepro.weights import abstract_model, load_state_dict
 
-# The half of the image an object of a two-object scene sits in, by its position word (pairs are
-# left/right or top/bottom, see world.PAIR_POSITIONS).
-HALF_OF = {"left": "left", "right": "right", "top": "top", "bottom": "bottom"}
+# The halves keep_half knows; a two-object scene's objects sit in opposite ones, named by their position
+# word (pairs are left/right or top/bottom, see world.PAIR_POSITIONS).
+HALVES = ("left", "right", "top", "bottom")
 
 
 def judge_path() -> Path:
@@ -130,7 +130,7 @@ def _kind(scene: Scene) -> str | None:
         if objs[0].character:
             return "character" if scene.style is None else None
         return "style" if scene.style else "one_object"
-    if scene.style is None and not any(o.character for o in objs) and objs[0].position in HALF_OF:
+    if scene.style is None and not any(o.character for o in objs) and objs[0].position in HALVES:
         return "two_objects"
     return None
 
@@ -158,16 +158,11 @@ def score(judge: Judge, probes: Sequence[Probe], images: np.ndarray) -> dict[str
     if idx := by_kind.get("two_objects"):
         both = np.ones(len(idx), bool)
         for k in range(2):
-            halves = [_half(probes[i].scene, k) for i in idx]
+            halves = [probes[i].scene.objects[k].position for i in idx]
             got = judge.classify_half(images[idx], halves, "shape")
             both &= np.array([g == probes[i].scene.objects[k].shape for g, i in zip(got, idx, strict=True)])
         out["two_objects_both"] = float(both.mean())
     return out
-
-
-def _half(scene: Scene, k: int) -> str:
-    pos = scene.objects[k].position
-    return HALF_OF[pos]
 
 
 # The bar: shape and colour >= 90%, styles and characters >= 80%, both of two objects >= 70%.

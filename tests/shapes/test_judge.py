@@ -19,7 +19,7 @@ def test_probes_cover_each_part_of_the_bar_from_the_test_split():
         objs = p.scene.objects
         if p.kind == "two_objects":
             assert len(objs) == 2 and not any(o.character for o in objs) and p.scene.style is None
-            assert {jd.HALF_OF[o.position] for o in objs} in ({"left", "right"}, {"top", "bottom"})
+            assert {o.position for o in objs} in ({"left", "right"}, {"top", "bottom"})
         else:
             assert len(objs) == 1
             assert (p.kind == "character") == bool(objs[0].character)
@@ -47,9 +47,8 @@ class Oracle:
         for s in scenes:
             self.truth[render(s).tobytes()] = s
             for o in s.objects:
-                half = jd.HALF_OF.get(o.position)
-                if len(s.objects) == 2 and half:
-                    self.truth[jd.keep_half(render(s), half).tobytes()] = Scene(s.background, (o,))
+                if len(s.objects) == 2 and o.position in jd.HALVES:
+                    self.truth[jd.keep_half(render(s), o.position).tobytes()] = Scene(s.background, (o,))
 
     def classify(self, images, attribute):
         known = [self.truth.get(im.tobytes()) for im in images]
