@@ -157,3 +157,19 @@ def test_prompt_supervision_labels_and_loss(tokenizer, trained):
     plain, _ = tc.contrastive_loss(trained, {k: batch[k] for k in ("images", "input_ids")}, None)
     extra = sum(float(metrics[f"{a}_ce"]) for a in tc.ATTRIBUTES)
     np.testing.assert_allclose(float(loss), float(plain) + extra, rtol=1e-5)
+
+
+def test_whole_world_batches_reach_held_out_pairs(tokenizer):
+    """From ``whole_world_from`` on, odd steps come from the test split (held-out pairs); before, never."""
+    plain = tc.clip_batches(tokenizer, 64, 1)
+    whole = tc.clip_batches(tokenizer, 64, 1, whole_world_from=10)
+    np.testing.assert_array_equal(plain(9)["images"], whole(9)["images"])  # before the switch: unchanged
+    np.testing.assert_array_equal(plain(12)["images"], whole(12)["images"])  # even steps: the train split
+    assert not np.array_equal(plain(11)["images"], whole(11)["images"])
+    scenes, _ = tc.make_scenes(1 * 1_000_000 + 11, 64, "test")
+    expected = np.stack([tc.render(s) for s in scenes])
+    np.testing.assert_array_equal(whole(11)["images"], expected)
+    assert {(o.shape, o.colour) for s in scenes for o in s.objects} & tc.HELD_OUT_PAIRS
+    rng = np.random.default_rng(0)
+    twins = [tc.counterfactual(s, c, rng, held_out=True) for s, c in zip(*tc.make_scenes(4, 400, "train"))]
+    assert any((o.shape, o.colour) in tc.HELD_OUT_PAIRS for t in twins if t for o in t[0].objects)
