@@ -171,5 +171,6 @@ def test_whole_world_batches_reach_held_out_pairs(tokenizer):
     np.testing.assert_array_equal(whole(11)["images"], expected)
     assert {(o.shape, o.colour) for s in scenes for o in s.objects} & tc.HELD_OUT_PAIRS
     rng = np.random.default_rng(0)
-    twins = [tc.counterfactual(s, c, rng, held_out=True) for s, c in zip(*tc.make_scenes(4, 400, "train"))]
+    scenes, captions = tc.make_scenes(4, 400, "train")
+    twins = [tc.counterfactual(s, c, rng, held_out=True) for s, c in zip(scenes, captions, strict=True)]
     assert any((o.shape, o.colour) in tc.HELD_OUT_PAIRS for t in twins if t for o in t[0].objects)
