@@ -61,3 +61,19 @@ def test_strict_errors_name_the_key(mutate, msg):
     mutate(sd)
     with pytest.raises(WeightsError, match=msg.replace("(", r"\(")):
         load_state_dict(nnx.eval_shape(lambda: _Toy(nnx.Rngs(1))), sd, source="toy.safetensors")
+
+
+def test_abstract_model_is_cached_per_config_and_fresh_per_call():
+    from jax_erasepro.models.clip import CLIPTextConfig, CLIPTextModel
+    from jax_erasepro.weights import _abstract_parts, abstract_model
+
+    cfg = CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    a = abstract_model(CLIPTextModel, cfg)
+    hits = _abstract_parts.cache_info().hits
+    b = abstract_model(CLIPTextModel, cfg)
+    assert _abstract_parts.cache_info().hits == hits + 1
+    assert a is not b and state_dict_shapes(a) == state_dict_shapes(b)
+    a.encoder.unroll = 7  # a change to one merged module does not reach the cache
+    assert abstract_model(CLIPTextModel, cfg).encoder.unroll == 1
+    other = CLIPTextConfig(hidden_size=8, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    assert state_dict_shapes(abstract_model(CLIPTextModel, other)) != state_dict_shapes(a)
