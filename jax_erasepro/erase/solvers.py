@@ -249,12 +249,14 @@ def _constrained(
     # the soft columns in least squares with minimal norm: D_s = (R_s - D_h C_s) B^+, B = (I - Q Q^T) C_s.
     # Only the soft columns enter B (zero columns add nothing to B^+): the first m after a stable sort, for
     # the smallest m in SOFT_SIZES holding them all, so a few rejected columns cost a small SVD.
-    n_soft = jnp.sum(~hard)
+    # All-zero columns (callers' shape padding) fit nothing whatever D is: they are left out of B.
+    skip = hard | ~jnp.any(c != 0, axis=0)
+    n_soft = jnp.sum(~skip)
     sizes = sorted({min(m, k) for m in (*SOFT_SIZES, k)})
 
     def soft(m: int) -> Callable[[Array], Array]:
         def fit(d_hard: Array) -> Array:
-            idx = jnp.argsort(hard, stable=True)[:m]
+            idx = jnp.argsort(skip, stable=True)[:m]
             c_s = jnp.where(hard[idx], 0, c[:, idx])
             e = jnp.where(hard[idx], 0, resid[..., idx]) - d_hard @ c_s
             ub, _, inv_b, vbt, _ = _masked_svd(c_s - q @ (q.T @ c_s), tol)

@@ -299,3 +299,18 @@ def test_qr_fast_path_equals_greedy_admission(case):
     # the same pseudo-inverse of the admitted columns and the same projector
     assert_close(np.asarray(r_inv @ q.T), np.asarray(r_inv_g @ q_g.T), rel=1e-4)
     assert_close(np.asarray(q @ q.T), np.asarray(q_g @ q_g.T), rel=1e-4)
+
+
+def test_zero_padding_columns_change_nothing():
+    """Shape padding (all-zero columns, not requested) leaves W as the unpadded solve gives it."""
+    rng = np.random.default_rng(7)
+    d_in, n, pad = 96, 20, 12
+    x, y = clip_like(rng, d_in, n), clip_like(rng, d_in, n)
+    w_o = weights(rng, 2, 16, d_in)
+    w, _ = erasepro_solve(jnp.asarray(w_o), jnp.asarray(x), jnp.asarray(y))
+    zeros = np.zeros((d_in, pad), np.float32)
+    hard = np.arange(n + pad) < n
+    x_pad, y_pad = (jnp.asarray(np.concatenate([a, zeros], 1)) for a in (x, y))
+    w_pad, rep = erasepro_solve(jnp.asarray(w_o), x_pad, y_pad, hard=jnp.asarray(hard))
+    assert np.asarray(rep.hard).tolist() == hard.tolist()
+    assert_close(w_pad, w, rel=1e-6)
