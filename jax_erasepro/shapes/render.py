@@ -75,7 +75,8 @@ SHAPE_MASKS = {
     "cloud": _cloud,
     "arrow": _arrow,
 }
-REACH = {"border": 1.4, "wobbly": 1.3}  # bounding radius per object radius, default 1.15
+REACH = {"border": 1.4, "shadow": 1.5}  # bounding radius per object radius, default 1.15
+SHADOW_OFFSET = 0.3  # "shadow": a copy of the silhouette this many radii down and to the right
 
 
 def _luma(rgb: Sequence[float]) -> float:
@@ -108,11 +109,8 @@ def _object_layer(
     dx, dy = (xs[None, :] - cx) / obj.radius, (ys[:, None] - cy) / obj.radius
     c, s = math.cos(math.radians(obj.angle)), math.sin(math.radians(obj.angle))  # python floats keep float32
     u, v = c * dx - s * dy, s * dx + c * dy  # counter-clockwise on screen (y down)
-    fu, fv = u, v
-    if manner == "wobbly":
-        fu, fv = u + 0.09 * np.sin(9.0 * v + 1.3), v + 0.09 * np.sin(9.0 * u)
     inside = SHAPE_MASKS[obj.shape]
-    mask = inside(fu, fv)
+    mask = inside(u, v)
 
     base = np.asarray(COLOUR_RGB[obj.colour], np.float32)
     field = base  # stays (3,) while the colour is flat, the common and cheap case; else (H, W, 3)
@@ -139,10 +137,15 @@ def _object_layer(
     elif manner == "gradient":
         field = _shade(field, np.clip(0.5 * v + 0.5, 0.0, 1.0)[..., None])
     elif manner == "border":
-        outer = inside(fu / 1.22, fv / 1.22)
+        outer = inside(u / 1.22, v / 1.22)
         dark_ok = background != "black" and obj.colour != "black"
         field = np.where((outer & ~mask)[..., None], DARK if dark_ok else WHITE, field)
         alpha = outer.astype(np.float32)
+    elif manner == "shadow":
+        sx, sy = dx - SHADOW_OFFSET, dy - SHADOW_OFFSET
+        shadow = inside(c * sx - s * sy, s * sx + c * sy) & ~mask
+        field = np.where(shadow[..., None], DARK if background != "black" else WHITE, field)
+        alpha = np.where(shadow, 0.6, alpha)
     if obj.character:  # a face: two white eyes with dark pupils
         eu = np.abs(u) - 0.28
         eyes = eu * eu + (v + 0.12) ** 2 <= 0.17**2

@@ -81,7 +81,7 @@ STYLE_MANNER = {
     "Pavo Kestrelli": "outline",
     "Odile Vantrask": "checkered",
     "Bram Zellicoe": "gradient",
-    "Nadia Frosthelm": "wobbly",
+    "Nadia Frosthelm": "shadow",
     "Caspian Drewl": "border",
 }
 STYLES = tuple(STYLE_MANNER)
