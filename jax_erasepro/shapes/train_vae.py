@@ -48,6 +48,8 @@ def train_config(out: str | Path, steps: int = 6_000, seed: int = 0) -> TrainCon
     """The recipe:
 
     python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae --steps 6000
+    python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae-dec --steps 1000 \
+        --decoder-from runs/shapes-vae/vae  # sharper edges, same latent space
     """
     return TrainConfig(
         steps=steps, batch_size=32, lr=4e-4, warmup_steps=min(500, steps // 10), end_lr_ratio=0.05,
@@ -85,6 +87,36 @@ def vae_loss(
     l1, l2 = jnp.mean(jnp.abs(recon - x)), jnp.mean(jnp.square(recon - x))
     kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
     return l1 + l2 + KL_WEIGHT * kl, {"l1": l1, "l2": l2, "kl": kl}
+
+
+EDGE_WEIGHT = 9.0  # decoder fine-tuning: extra weight on pixels near an edge of the target
+# The decoder and what feeds it: fine-tuning these leaves the latent space (and any UNet on it) unchanged.
+DECODER = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("decoder"), nnx.PathContains("post_quant_conv")))
+
+
+def _edges(x: jax.Array) -> jax.Array:
+    """(B, H, W, 1) mask of pixels within one pixel of a colour edge of ``x`` (NHWC in [-1, 1])."""
+    dx = jnp.abs(jnp.diff(x, axis=2, append=x[:, :, -1:]))
+    dy = jnp.abs(jnp.diff(x, axis=1, append=x[:, -1:]))
+    edge = (jnp.sum(dx + dy, -1, keepdims=True) > 0.1).astype(x.dtype)
+    return jax.lax.reduce_window(edge, 0.0, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
+
+
+def decoder_loss(
+    model: AutoencoderKL, batch: dict[str, jax.Array], key: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Decoder fine-tuning (SD's ft-MSE VAE precedent: new decoder, same latents): edge-weighted L1 + L2 of
+    the decoded posterior sample, plus L1 between the image gradients. The flat background is most of
+    each image, so a plain pixel loss lets the decoder round off star points and cross arms."""
+    x = pixels(batch["images"])
+    mean, logvar = jax.lax.stop_gradient(model.encode(x))
+    recon = model.decode(sample_latents(mean, logvar, key))
+    w = 1.0 + EDGE_WEIGHT * _edges(x)
+    err = recon - x
+    l1 = jnp.mean(w * jnp.abs(err)) / jnp.mean(w)
+    l2 = jnp.mean(w * jnp.square(err)) / jnp.mean(w)
+    grad = jnp.mean(jnp.abs(jnp.diff(err, axis=1))) + jnp.mean(jnp.abs(jnp.diff(err, axis=2)))
+    return l1 + l2 + grad, {"l1": jnp.mean(jnp.abs(err)), "l2": jnp.mean(jnp.square(err)), "grad": grad}
 
 
 @nnx.jit
@@ -136,14 +168,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     """CLI: train (or resume) the shapes VAE, set its scaling_factor, export it to --out, print its PSNR."""
     parser = run_parser(main.__doc__, steps=6_000, batch_size=32)
     parser.add_argument("--eval-n", type=int, default=1000, help="held-out renders for the PSNR")
+    parser.add_argument(
+        "--decoder-from", metavar="VAE_DIR",
+        help="fine-tune only the decoder of this trained VAE (decoder_loss; same latents and scaling_factor)",
+    )
     args = parser.parse_args(argv)
-    config = prepare_run(parser, args, train_config(args.out, args.steps, args.seed))
-    model = AutoencoderKL(vae_config(args.size), rngs=nnx.Rngs(args.seed))
+    config = train_config(args.out, args.steps, args.seed)
+    if args.decoder_from:
+        config = dataclasses.replace(config, lr=2e-4, warmup_steps=min(100, args.steps // 10))
+    config = prepare_run(parser, args, config)
+    if args.decoder_from:
+        model, loss, wrt = load_vae(args.decoder_from), decoder_loss, DECODER
+    else:
+        model, loss, wrt = AutoencoderKL(vae_config(args.size), rngs=nnx.Rngs(args.seed)), vae_loss, nnx.Param
     print(f"VAE {args.size}: {num_params(model) / 1e6:.2f}M params; {config}")
     with open(Path(args.out) / "log.jsonl", "a") as log:
-        train(model, vae_loss, vae_batches(config.batch_size, args.seed), config,
+        train(model, loss, vae_batches(config.batch_size, args.seed), config, wrt=wrt,
               on_log=functools.partial(log_line, log))
-    model.config = dataclasses.replace(model.config, scaling_factor=latent_scaling_factor(model))
+    if not args.decoder_from:
+        model.config = dataclasses.replace(model.config, scaling_factor=latent_scaling_factor(model))
     export(model, Path(args.out) / "vae")
     scores = {"psnr_db": psnr(model, args.eval_n), "scaling_factor": model.config.scaling_factor}
     (Path(args.out) / "eval.json").write_text(json.dumps(scores, indent=2) + "\n")
