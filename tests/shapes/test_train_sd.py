@@ -86,6 +86,21 @@ def test_psnr_of_a_perfect_and_a_constant_reconstruction():
     assert tv.psnr_of(grey, images) == pytest.approx(expected)
 
 
+def test_decoder_fine_tuning_keeps_the_latent_space():
+    """``--decoder-from``: the decoder learns, the encoder (so every latent) is untouched."""
+    model = tv.AutoencoderKL(tv.vae_config("tiny"), rngs=nnx.Rngs(0))
+    images = tv.vae_batches(4, 0)(0)["images"]
+    before = np.asarray(tv._posterior(model, images)[0])
+    decoder = [np.array(x) for x in jax.tree.leaves(nnx.state(model.decoder))]
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, log_every=1)
+    train(model, tv.decoder_loss, tv.vae_batches(4, 0), cfg, wrt=tv.DECODER)
+    np.testing.assert_array_equal(np.asarray(tv._posterior(model, images)[0]), before)
+    after = jax.tree.leaves(nnx.state(model.decoder))
+    assert any(not np.array_equal(a, b) for a, b in zip(decoder, after, strict=True))
+    edges = np.asarray(tv._edges(tv.pixels(images)))
+    assert 0 < edges.mean() < 0.5  # shapes' outlines, not the flat background
+
+
 def test_caption_dropout_and_batch_determinism():
     """About P_UNCOND of the captions become "" (BOS, EOS, padding), and a step's batch is reproducible."""
     tokenizer = load_tokenizer(tc.TOKENIZER_DIR)
