@@ -44,10 +44,10 @@ def vae_config(size: str = "small") -> AutoencoderKLConfig:
     )
 
 
-def train_config(out: str | Path, steps: int = 6_000, seed: int = 0) -> TrainConfig:
+def train_config(out: str | Path, steps: int = 4_250, seed: int = 0) -> TrainConfig:
     """The recipe:
 
-    python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae --steps 6000
+    python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae --steps 4250
     python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae-dec --steps 1000 \
         --decoder-from runs/shapes-vae/vae  # sharper edges, same latent space
     """
@@ -166,7 +166,7 @@ def load_vae(folder: str | Path) -> AutoencoderKL:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: train (or resume) the shapes VAE, set its scaling_factor, export it to --out, print its PSNR."""
-    parser = run_parser(main.__doc__, steps=6_000, batch_size=32)
+    parser = run_parser(main.__doc__, steps=4_250, batch_size=32)
     parser.add_argument("--eval-n", type=int, default=1000, help="held-out renders for the PSNR")
     parser.add_argument(
         "--decoder-from", metavar="VAE_DIR",
