@@ -27,9 +27,9 @@ def test_small_maps_match_torch_and_lax(hw, pad):
     x = jax.random.normal(jax.random.key(1), (2, *hw, 6))
     if isinstance(pad, int):
         ref = torch.nn.functional.conv2d(
-            torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2),
-            torch.from_numpy(np.asarray(c.kernel[...])).permute(3, 2, 0, 1),
-            torch.from_numpy(np.asarray(c.bias[...])),
+            torch.from_numpy(np.array(x)).permute(0, 3, 1, 2),
+            torch.from_numpy(np.array(c.kernel[...])).permute(3, 2, 0, 1),
+            torch.from_numpy(np.array(c.bias[...])),
             padding=pad,
         ).permute(0, 2, 3, 1)
         assert_close(c(x), ref.numpy())
