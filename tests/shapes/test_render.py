@@ -16,7 +16,7 @@ from jax_erasepro.shapes import (
     make_scenes,
     render,
 )
-from jax_erasepro.shapes.world import BACKGROUND_RGB, COLOUR_RGB, SIZE_RADIUS
+from jax_erasepro.shapes.world import BACKGROUND_RGB, COLOUR_RGB, SIZE_RADIUS, STYLE_MANNER
 
 
 def _obj(shape="circle", colour="red", size="big", texture="plain", character=None, center=(0.5, 0.5)):
@@ -101,6 +101,27 @@ def test_every_style_is_distinct():
         for j in range(i):
             diff = np.abs(images[i].astype(int) - images[j]).mean()
             assert diff > 2, (([None, *STYLES])[i], ([None, *STYLES])[j], diff)
+
+
+@pytest.mark.parametrize(("background", "darker"), [("white", True), ("black", False)])
+def test_shadow_falls_down_right_and_shows_on_black(background, darker):
+    """The "shadow" painter adds a silhouette-shaped patch below and right of the object, dark (light on
+    black), and leaves the object itself as it was."""
+    painter = next(p for p, m in STYLE_MANNER.items() if m == "shadow")
+    scene = (_obj("square", "blue", size="medium"),)
+    plain = render(Scene(background, scene)).astype(int)
+    shaded = render(Scene(background, scene, painter)).astype(int)
+    obj = _object_pixels(plain, background)
+    added = (np.abs(shaded - plain).max(-1) > 30) & ~obj
+    assert added.sum() > 20
+    (oy, ox), (ay, ax) = np.nonzero(obj), np.nonzero(added)
+    assert ay.mean() > oy.mean() and ax.mean() > ox.mean()
+    assert (shaded[added].mean() < plain[added].mean()) == darker
+    inner = obj.copy()  # the object eroded by one pixel: away from its anti-aliased outline
+    for axis in (0, 1):
+        for shift in (1, -1):
+            inner &= np.roll(obj, shift, axis)
+    np.testing.assert_array_equal(shaded[inner], plain[inner])
 
 
 def test_two_objects_do_not_overlap():
