@@ -66,7 +66,7 @@ def train_config(out: str | Path, steps: int = 20_000, seed: int = 0) -> TrainCo
     python -m jax_erasepro.shapes.train_clip --out runs/shapes-judge --steps 1750 --seed 1 \
         --counterfactuals --prompt-supervision  # as run: stopped at 1750 of a 2000-step schedule, then
     python -m jax_erasepro.shapes.train_clip --out runs/shapes-judge --steps 3000 --seed 1 \
-        --counterfactuals --prompt-supervision --whole-world-from 1750 --resume
+        --counterfactuals --prompt-supervision --whole-world-from 1750 --resume  # then --steps 4000
     """
     return TrainConfig(
         steps=steps, batch_size=128, lr=1e-3, warmup_steps=min(500, steps // 10), end_lr_ratio=0.05,
