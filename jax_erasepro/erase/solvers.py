@@ -257,8 +257,8 @@ def _constrained(
     def soft(m: int) -> Callable[[Array], Array]:
         def fit(d_hard: Array) -> Array:
             idx = jnp.argsort(skip, stable=True)[:m]
-            c_s = jnp.where(hard[idx], 0, c[:, idx])
-            e = jnp.where(hard[idx], 0, resid[..., idx]) - d_hard @ c_s
+            c_s = jnp.where(skip[idx], 0, c[:, idx])
+            e = jnp.where(skip[idx], 0, resid[..., idx]) - d_hard @ c_s
             ub, _, inv_b, vbt, _ = _masked_svd(c_s - q @ (q.T @ c_s), tol)
             d_soft = ((e @ vbt.T) * inv_b) @ ub.T
             return d_soft - (d_soft @ q) @ q.T  # remove the rounding-level leak into span(C_h)

@@ -176,12 +176,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = train_config(args.out, args.steps, args.seed)
     if args.decoder_from:
         config = dataclasses.replace(config, lr=2e-4, warmup_steps=min(100, args.steps // 10))
-    config = prepare_run(parser, args, config)
+    config = prepare_run(parser, args, config)  # refuses an existing run before anything is loaded
     if args.decoder_from:
         model, loss, wrt = load_vae(args.decoder_from), decoder_loss, DECODER
     else:
         model, loss, wrt = AutoencoderKL(vae_config(args.size), rngs=nnx.Rngs(args.seed)), vae_loss, nnx.Param
-    print(f"VAE {args.size}: {num_params(model) / 1e6:.2f}M params; {config}")
+    print(f"VAE: {num_params(model) / 1e6:.2f}M params; {config}")
     with open(Path(args.out) / "log.jsonl", "a") as log:
         train(model, loss, vae_batches(config.batch_size, args.seed), config, wrt=wrt,
               on_log=functools.partial(log_line, log))
