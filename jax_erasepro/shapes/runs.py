@@ -27,7 +27,7 @@ def run_parser(description: str | None, *, steps: int, batch_size: int) -> argpa
     parser.add_argument("--steps", type=int, default=steps, help="also sets the learning-rate schedule")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue the run OUT/ckpt holds")
-    parser.add_argument("--size", choices=("small", "tiny"), default="small")
+    parser.add_argument("--size", choices=("small", "f4", "tiny"), default="small")
     parser.add_argument("--batch-size", type=int, help=f"override the recipe's {batch_size}")
     return parser
 

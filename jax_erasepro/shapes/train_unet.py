@@ -40,18 +40,25 @@ REUSE = 4  # steps each rendered and encoded image is trained on (see unet_batch
 
 
 def unet_config(size: str = "small", cross_attention_dim: int = 128) -> UNet2DConditionConfig:
-    """SD v1's block layout on 8x8 latents (8 -> 4 -> 2): ``small`` (~8.8M params) or ``tiny`` for tests.
+    """SD v1's block layout: ``small`` on 8x8 latents (8 -> 4 -> 2, ~8.8M params), ``f4`` on the factor-4
+    VAE's 16x16 latents (a narrow 16x16 level in front, 16 -> 8 -> 4 -> 2, without attention there: 256-token
+    attention at width 32 doubled the step time), or ``tiny`` (laid out as ``f4``) for tests.
 
     ``cross_attention_dim`` is the text encoder's width (128 for train_clip's small CLIP).
     """
-    chans, heads, groups = {"small": ((64, 128, 192), 4, 32), "tiny": ((16, 32), 2, 8)}[size]
+    chans, heads, groups, sample = {
+        "small": ((64, 128, 192), 4, 32, 8),
+        "f4": ((32, 64, 128, 192), 4, 16, 16),
+        "tiny": ((8, 16, 32), 2, 8, 16),
+    }[size]
     n = len(chans)
+    attn = (size == "small",) + (True,) * (n - 2) + (False,)  # cross-attention per level, top first
     return UNet2DConditionConfig(
-        sample_size=8,
+        sample_size=sample,
         block_out_channels=chans,
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=heads,  # the number of heads (diffusers' name)
         norm_num_groups=groups,

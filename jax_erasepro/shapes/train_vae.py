@@ -29,10 +29,13 @@ KL_WEIGHT = 1e-6  # per latent element, relative to a per-pixel reconstruction l
 
 
 def vae_config(size: str = "small") -> AutoencoderKLConfig:
-    """Four blocks (factor 8: 64 px -> 8x8x4 latents): ``small`` (2.7M params) or ``tiny`` for tests.
+    """``small``: four blocks, factor 8 (64 px -> 8x8x4 latents, 2.7M params); ``f4``: three blocks,
+    factor 4 (64 px -> 16x16x4), which keeps star points and cross arms that 8x8x4 loses; ``tiny`` (factor 4) for tests.
 
     Narrow at full resolution: 64 px convs cost most of the FLOPs (32 channels there was 4x slower)."""
-    chans, groups = {"small": ((16, 32, 64, 128), 8), "tiny": ((8, 8, 16, 16), 4)}[size]
+    chans, groups = {
+        "small": ((16, 32, 64, 128), 8), "f4": ((16, 32, 64), 8), "tiny": ((8, 8, 16), 4)
+    }[size]
     return AutoencoderKLConfig(
         block_out_channels=chans,
         down_block_types=("DownEncoderBlock2D",) * len(chans),

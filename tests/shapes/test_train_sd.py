@@ -24,7 +24,7 @@ from jax_erasepro.training import TrainConfig, train
 from jax_erasepro.weights import num_params, to_state_dict
 
 PROMPT = "a big green heart"
-LATENTS = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+LATENTS = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
 SAMPLING = dict(num_inference_steps=4, guidance_scale=5.0, height=64, width=64)
 
 
@@ -51,12 +51,15 @@ def folders(tmp_path_factory):
     return root
 
 
-def test_small_models_fit_the_budget():
-    """shapes-sd's VAE and UNet in fp16 take at most the ~28 MB the two CLIPs leave of 60 MB."""
-    vae = nnx.eval_shape(lambda: tv.AutoencoderKL(tv.vae_config("small"), rngs=nnx.Rngs(0)))
-    unet = nnx.eval_shape(lambda: tu.UNet2DConditionModel(tu.unet_config("small"), rngs=nnx.Rngs(0)))
+@pytest.mark.parametrize("size, factor", [("small", 8), ("f4", 4)])
+def test_small_models_fit_the_budget(size, factor):
+    """shapes-sd's VAE and UNet in fp16 take at most the ~28 MB the two CLIPs leave of 60 MB, and the UNet's
+    sample size is the VAE's latent size for 64 px."""
+    vae = nnx.eval_shape(lambda: tv.AutoencoderKL(tv.vae_config(size), rngs=nnx.Rngs(0)))
+    unet = nnx.eval_shape(lambda: tu.UNet2DConditionModel(tu.unet_config(size), rngs=nnx.Rngs(0)))
     assert 2 * (num_params(vae) + num_params(unet)) <= 28e6
-    assert len(vae.config.block_out_channels) == 4  # factor 8: 64 px -> 8x8 latents
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == factor
+    assert unet.config.sample_size * factor == vae.config.sample_size == 64
     assert unet.config.cross_attention_dim == tc.clip_config("small").text_config.hidden_size
 
 
