@@ -30,7 +30,8 @@ KL_WEIGHT = 1e-6  # per latent element, relative to a per-pixel reconstruction l
 
 def vae_config(size: str = "small") -> AutoencoderKLConfig:
     """``small``: four blocks, factor 8 (64 px -> 8x8x4 latents, 2.7M params); ``f4``: three blocks,
-    factor 4 (64 px -> 16x16x4), which keeps star points and cross arms that 8x8x4 loses; ``tiny`` (factor 4) for tests.
+    factor 4 (64 px -> 16x16x4), which keeps star points and cross arms that 8x8x4 loses; ``tiny``
+    (factor 4) for tests.
 
     Narrow at full resolution: 64 px convs cost most of the FLOPs (32 channels there was 4x slower)."""
     chans, groups = {
