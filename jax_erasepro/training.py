@@ -66,6 +66,14 @@ def _checkpoints(config: TrainConfig) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(config.ckpt_dir).absolute(), options=options)
 
 
+def latest_step(ckpt_dir: str | Path) -> int | None:
+    """The last step saved in a run's checkpoint folder (None when it holds none)."""
+    if not Path(ckpt_dir).is_dir():
+        return None
+    with ocp.CheckpointManager(Path(ckpt_dir).absolute()) as manager:
+        return manager.latest_step()
+
+
 def train(
     model: nnx.Module,
     loss_fn: LossFn,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_erasepro.training import TrainConfig, schedule, train
+from jax_erasepro.shapes.runs import prepare_run, run_parser
+from jax_erasepro.training import TrainConfig, latest_step, schedule, train
 
 W = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
 
@@ -101,6 +102,26 @@ def test_finished_run_returns_checkpoint(tmp_path):
     again = train(Toy(seed=2), loss_fn, lambda step: pytest.fail("a finished run draws no batch"), cfg)
     for a, b in zip(params(first), params(again), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_export_only_stops_at_the_last_checkpoint(tmp_path):
+    """--export-only: a run stopped at step 8 of 12 gives its step-8 weights back without drawing a batch."""
+    cfg = TrainConfig(steps=12, lr=1e-2, warmup_steps=0, end_lr_ratio=1.0,  # constant: same 8 steps
+                      log_every=4, ckpt_every=4, ckpt_dir=str(tmp_path / "ckpt"))
+    assert latest_step(tmp_path / "ckpt") is None
+    with pytest.raises(Stop):
+        train(Toy(), loss_fn, batches, cfg, on_log=stop_at(8))
+    assert latest_step(tmp_path / "ckpt") == 8
+    parser = run_parser(None, steps=12, batch_size=32)
+    at8 = prepare_run(parser, parser.parse_args(["--out", str(tmp_path), "--export-only"]), cfg)
+    assert at8.steps == 8
+    got = train(Toy(seed=3), loss_fn, lambda step: pytest.fail("export draws no batch"), at8)
+    want = train(Toy(), loss_fn, batches, dataclasses.replace(cfg, steps=8, ckpt_dir=None))
+    for a, b in zip(params(want), params(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(SystemExit):  # nothing to export
+        prepare_run(parser, parser.parse_args(["--out", "x", "--export-only"]),
+                    dataclasses.replace(cfg, ckpt_dir=str(tmp_path / "none")))
 
 
 def test_non_finite_loss_raises():

@@ -14,14 +14,14 @@ from safetensors.numpy import save_file
 from jax_erasepro.loading import SafetensorsReader
 from jax_erasepro.models.config import JsonConfig
 from jax_erasepro.saving import DIFFUSERS_VERSION
-from jax_erasepro.training import TrainConfig
+from jax_erasepro.training import TrainConfig, latest_step
 from jax_erasepro.weights import abstract_model, load_state_dict, to_state_dict
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def run_parser(description: str | None, *, steps: int, batch_size: int) -> argparse.ArgumentParser:
-    """The flags every training CLI takes: --out --steps --seed --resume --size --batch-size."""
+    """The flags every training CLI takes: --out --steps --seed --resume --size --batch-size --export-only."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="run folder: checkpoints in OUT/ckpt, exports in OUT")
     parser.add_argument("--steps", type=int, default=steps, help="also sets the learning-rate schedule")
@@ -29,16 +29,26 @@ def run_parser(description: str | None, *, steps: int, batch_size: int) -> argpa
     parser.add_argument("--resume", action="store_true", help="continue the run OUT/ckpt holds")
     parser.add_argument("--size", choices=("small", "f4", "tiny"), default="small")
     parser.add_argument("--batch-size", type=int, help=f"override the recipe's {batch_size}")
+    parser.add_argument(
+        "--export-only", action="store_true",
+        help="train no further: export (and evaluate) the last checkpoint in OUT/ckpt, EMA weights if any",
+    )
     return parser
 
 
 def prepare_run(
     parser: argparse.ArgumentParser, args: argparse.Namespace, config: TrainConfig
 ) -> TrainConfig:
-    """Apply --batch-size, refuse to overwrite a run without --resume, create the checkpoint folder."""
+    """Apply --batch-size, refuse to overwrite a run without --resume, create the checkpoint folder;
+    with --export-only, stop the run at its last checkpoint."""
     if args.batch_size:
         config = dataclasses.replace(config, batch_size=args.batch_size)
     ckpt = Path(config.ckpt_dir)
+    if args.export_only:
+        step = latest_step(ckpt)
+        if step is None:
+            parser.error(f"--export-only: {ckpt} holds no checkpoint")
+        return dataclasses.replace(config, steps=step)
     if ckpt.exists() and any(ckpt.iterdir()) and not args.resume:
         parser.error(f"{ckpt} already holds a run: pass --resume to continue it, or choose another --out")
     ckpt.mkdir(parents=True, exist_ok=True)
