@@ -20,14 +20,20 @@ from jax_erasepro.weights import abstract_model, load_state_dict, to_state_dict
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def run_parser(description: str | None, *, steps: int, batch_size: int) -> argparse.ArgumentParser:
+def run_parser(
+    description: str | None,
+    *,
+    steps: int,
+    batch_size: int,
+    sizes: tuple[str, ...] = ("small", "tiny"),
+) -> argparse.ArgumentParser:
     """The flags every training CLI takes: --out --steps --seed --resume --size --batch-size --export-only."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="run folder: checkpoints in OUT/ckpt, exports in OUT")
     parser.add_argument("--steps", type=int, default=steps, help="also sets the learning-rate schedule")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue the run OUT/ckpt holds")
-    parser.add_argument("--size", choices=("small", "f4", "tiny"), default="small")
+    parser.add_argument("--size", choices=sizes, default=sizes[0], help="model config (default %(default)s)")
     parser.add_argument("--batch-size", type=int, help=f"override the recipe's {batch_size}")
     parser.add_argument(
         "--export-only", action="store_true",

@@ -65,11 +65,12 @@ def unet_config(size: str = "small", cross_attention_dim: int = 128) -> UNet2DCo
     )
 
 
-def train_config(out: str | Path, steps: int = 4_750, seed: int = 0) -> TrainConfig:
-    """The recipe, after train_vae and train_clip (seed 0) have exported their folders:
+def train_config(out: str | Path, steps: int = 12_000, seed: int = 0) -> TrainConfig:
+    """The recipe, after train_vae and train_clip (seed 0) have exported their folders (the factor-8
+    ``small`` UNet ran 4750 steps):
 
-    python -m jax_erasepro.shapes.train_unet --out runs/shapes-unet --steps 4750 \
-        --vae runs/shapes-vae/vae --text-encoder runs/shapes-clip-text
+    python -m jax_erasepro.shapes.train_unet --out runs/shapes-unet4 --size f4 --steps 12000 \
+        --vae runs/shapes-vae4/vae --text-encoder runs/shapes-clip-text
     """
     return TrainConfig(
         steps=steps, batch_size=64, lr=4e-4, warmup_steps=min(500, steps // 10), end_lr_ratio=0.1,
@@ -174,7 +175,7 @@ def load_unet(folder: str | Path) -> UNet2DConditionModel:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: train (or resume) the shapes UNet on the frozen VAE and text encoder, export it to OUT/unet."""
-    parser = run_parser(main.__doc__, steps=4_750, batch_size=64)
+    parser = run_parser(main.__doc__, steps=12_000, batch_size=64, sizes=("f4", "small", "tiny"))
     parser.add_argument("--vae", required=True, help="the trained VAE's folder (train_vae's OUT/vae)")
     parser.add_argument("--text-encoder", required=True, help="the exported shapes CLIP (train_clip's OUT)")
     args = parser.parse_args(argv)
