@@ -174,3 +174,25 @@ def test_whole_world_batches_reach_held_out_pairs(tokenizer):
     scenes, captions = tc.make_scenes(4, 400, "train")
     twins = [tc.counterfactual(s, c, rng, held_out=True) for s, c in zip(scenes, captions, strict=True)]
     assert any((o.shape, o.colour) in tc.HELD_OUT_PAIRS for t in twins if t for o in t[0].objects)
+
+
+def test_degrade_blurs_tints_and_noises_about_half(tokenizer):
+    """``degrade``: deterministic per rng, leaves about 1 - p of the images as they were, softens the rest
+    (less edge energy) without moving their mean colour far; ``augment`` batches are degraded renders."""
+    images = make_batch(3, 200, "test")[0]
+    out = tc.degrade(images, np.random.default_rng(0))
+    np.testing.assert_array_equal(out, tc.degrade(images, np.random.default_rng(0)))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    changed = np.any(out != images, axis=(1, 2, 3))
+    assert 0.35 < changed.mean() < 0.65
+    np.testing.assert_array_equal(tc.degrade(images, np.random.default_rng(0), p=0.0), images)
+
+    def edges(x):  # strong steps between neighbours: what blur softens and noise of std <= 6 does not make
+        return np.mean(np.abs(np.diff(x.astype(np.float32), axis=2)) > 60)
+
+    assert edges(tc.degrade(images, np.random.default_rng(1), p=1.0)) < edges(images)
+    shift = np.abs(out[changed].astype(float).mean((1, 2)) - images[changed].astype(float).mean((1, 2)))
+    assert shift.max() < 16
+    plain, augmented = tc.clip_batches(tokenizer, 32, 1), tc.clip_batches(tokenizer, 32, 1, augment=True)
+    want = tc.degrade(plain(5)["images"], np.random.default_rng((1, 5, 2)))
+    np.testing.assert_array_equal(augmented(5)["images"], want)
