@@ -4,7 +4,9 @@ Anchor features come from the ORIGINAL text encoder, run once. The target (and p
 through the text encoder one layer at a time inside ONE ``lax.scan``: layer i's q/k/v (one shared input,
 ``layer_norm1(h)``, so one factorisation serves all three) are solved so ``W x = W_o y`` on every column,
 and the UPDATED layer produces the next layer's target features. Finally the U-Net's cross-attention
-``to_k``/``to_v`` are solved with the erased encoder's output as X, batched by shape bucket.
+``to_k``/``to_v`` are solved with the erased encoder's output as X. The edit is linear in W_o (targets are
+``W_o y``), so each solve yields one operator G with ``W = W_o + W_o G`` for every weight reading those
+features: one factorisation for q/k/v, one for all U-Net buckets.
 Preserved prompts are columns whose anchor is themselves in the original model: ``W x_edited = W_o x_orig``
 pulls them back to exactly where they were even if an earlier layer could only fit them in least squares.
 When there are more columns than ``d_in``, only the first ``d_in`` (by priority) may be hard; the rest are
@@ -27,7 +29,7 @@ from flax import nnx
 from jax_erasepro.erase.columns import CONCEPT, KINDS, PADDING, Columns, EraseError, build_columns
 from jax_erasepro.erase.layers import unet_cross_attention
 from jax_erasepro.erase.report import EraseReport
-from jax_erasepro.erase.solvers import DEFAULT_RCOND, erasepro_solve
+from jax_erasepro.erase.solvers import DEFAULT_RCOND, constrained_solve
 from jax_erasepro.pipeline import StableDiffusion
 
 DEFAULT_PROMPTS = ("{}", "a photo of {}", "a painting by {}", "art by {}", "an image of {}")
@@ -62,36 +64,59 @@ def _compress(fx: jax.Array, fy: jax.Array, n_cand: int) -> tuple[jax.Array, jax
     return jnp.concatenate([x[:, :n_cand], r[:, :d].T], 1), jnp.concatenate([y[:, :n_cand], r[:, d:].T], 1)
 
 
-def _solve(
+def _edit_operator(
+    x: jax.Array, y: jax.Array, requested: jax.Array, rcond: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """G (d_in, d_in) such that W = W_o + W_o G is the ErasePro edit of EVERY W_o on these columns.
+
+    The targets are t = W_o y, so the minimal edit is linear in W_o row by row: D = W_o (Y - X) P with P
+    (hard columns admitted, rank cutoff, soft fit) depending on X alone; G = (Y - X) P is that solve with
+    W_o = 0 and targets Y - X. One factorisation then serves q/k/v, or every U-Net bucket, and each weight
+    costs one (d_out, d_in, d_in) product instead of a dozen (d_out, d_in, N) ones. Returns G, the hard
+    mask (K,) and the rank held.
+    """
+    n_cand, k = requested.shape[0], x.shape[1]
+    hard = jnp.concatenate([requested, jnp.zeros(k - n_cand, bool)])
+    zero = jnp.zeros((x.shape[0], x.shape[0]), x.dtype)
+    g, rep = constrained_solve(zero, x, y - x, hard=hard, rcond=rcond, candidates=n_cand)
+    return g, rep.hard, rep.rank
+
+
+def _apply(
     w_o: jax.Array,
+    g: jax.Array,
     x: jax.Array,
     y: jax.Array,
+    hard: jax.Array,
+    rank: jax.Array,
     kind: jax.Array,
-    requested: jax.Array,
     feature_distance: jax.Array,
-    rcond: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Edit the (B, d_out, d_in) weights ``w_o`` so that W x_j = W_o y_j, with metrics for the report."""
-    n_cand, k = requested.shape[0], x.shape[1]
+    """The (B, d_out, d_in) weights ``w_o`` edited by ``_edit_operator``'s G, with metrics for the report;
+    residuals are those of the stored W: ||W x_j - W_o y_j|| over ||W_o y_j||."""
+    w = w_o + w_o @ g
+    delta = w - w_o
+    before = w_o @ (x - y)  # (B, d_out, K): W_o x - W_o y
+    residual_sq = jnp.sum((delta @ x + before) ** 2, -2)  # (B, K)
+    target_sq = jnp.sum((w_o @ y) ** 2, -2)
+    n_cand, k = kind.shape[0], x.shape[1]
     groups = jnp.concatenate([kind, jnp.full(k - n_cand, REST, kind.dtype)])
-    hard = jnp.concatenate([requested, jnp.zeros(k - n_cand, bool)])
-    w, rep = erasepro_solve(w_o, x, y, hard=hard, rcond=rcond, candidates=n_cand)
-    before_sq = jnp.sum((w_o @ (x - y)) ** 2, -2)  # (B, K)
 
     def rel(num: jax.Array, mask: jax.Array) -> jax.Array:
-        den = jnp.sum(jnp.where(mask, rep.column_target_sq, 0), -1)
+        den = jnp.sum(jnp.where(mask, target_sq, 0), -1)
         return jnp.sqrt(jnp.sum(jnp.where(mask, num, 0), -1) / jnp.maximum(den, jnp.finfo(den.dtype).tiny))
 
     everything = jnp.ones(k, bool)
+    change_sq, base_sq = jnp.sum(delta**2, (-2, -1)), jnp.sum(w_o**2, (-2, -1))
     metrics = {
-        "residual_before": rel(before_sq, everything),
-        "residual_after": rel(rep.column_residual_sq, everything),
-        "residual_hard": rel(rep.column_residual_sq, rep.hard),
-        "residual_soft": rel(rep.column_residual_sq, ~rep.hard),
-        "residual_groups": jnp.stack([rel(rep.column_residual_sq, groups == g) for g in range(REST + 1)], -1),
-        "relative_change": rep.relative_change,
-        "n_hard": jnp.sum(rep.hard),
-        "rank": rep.rank,
+        "residual_before": rel(jnp.sum(before**2, -2), everything),
+        "residual_after": rel(residual_sq, everything),
+        "residual_hard": rel(residual_sq, hard),
+        "residual_soft": rel(residual_sq, ~hard),
+        "residual_groups": jnp.stack([rel(residual_sq, groups == g) for g in range(REST + 1)], -1),
+        "relative_change": jnp.sqrt(change_sq / jnp.maximum(base_sq, jnp.finfo(base_sq.dtype).tiny)),
+        "n_hard": jnp.sum(hard),
+        "rank": rank,
         "feature_distance": feature_distance,
         "finite": jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(w)),
     }
@@ -150,7 +175,8 @@ def _progressive(
         x, y, dist = _columns(layer.attn_input(h), layer.attn_input(hy), cols, n_cand)
         projs = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
         w_o = jnp.stack([p.kernel[...].T for p in projs])
-        w, metrics = _solve(w_o, x, y, kind, requested & ~(first & first_soft), dist, rcond)
+        g, hard, rank = _edit_operator(x, y, requested & ~(first & first_soft), rcond)
+        w, metrics = _apply(w_o, g, x, y, hard, rank, kind, dist)
         for p, wi in zip(projs, w, strict=True):
             p.kernel.value = wi.T
         # W stays in (d_out, d_in) layout: a transposed scan output is copied whole at every layer
@@ -169,8 +195,9 @@ def _progressive(
     new_unet, unet_metrics = [], []
     if edit_unet:
         x, y, dist = _columns(te.final_layer_norm(h), y_last, cols, n_cand)  # shared by every bucket
+        g, hard, rank = _edit_operator(x, y, requested, rcond)  # so is the edit operator
         for kernels in unet_weights:  # one bucket: (n, d_in, d_out) kernels of the same shape
-            w, metrics = _solve(jnp.swapaxes(kernels, -1, -2), x, y, kind, requested, dist, rcond)
+            w, metrics = _apply(jnp.swapaxes(kernels, -1, -2), g, x, y, hard, rank, kind, dist)
             new_unet.append(jnp.swapaxes(w, -1, -2))
             unet_metrics.append(metrics)
     return qkv, tuple(new_unet), text_metrics, unet_metrics
