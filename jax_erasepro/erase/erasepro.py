@@ -5,8 +5,8 @@ through the text encoder one layer at a time inside ONE ``lax.scan``: layer i's 
 ``layer_norm1(h)``, so one factorisation serves all three) are solved so ``W x = W_o y`` on every column,
 and the UPDATED layer produces the next layer's target features. Finally the U-Net's cross-attention
 ``to_k``/``to_v`` are solved with the erased encoder's output as X. The edit is linear in W_o (targets are
-``W_o y``), so each solve yields one operator G with ``W = W_o + W_o G`` for every weight reading those
-features: one factorisation for q/k/v, one for all U-Net buckets.
+``W_o y``), so each solve yields one operator P with ``W = W_o + W_o (Y - X) P`` for every weight reading
+those features: one factorisation for q/k/v, one for all U-Net buckets.
 Preserved prompts are columns whose anchor is themselves in the original model: ``W x_edited = W_o x_orig``
 pulls them back to exactly where they were even if an earlier layer could only fit them in least squares.
 When there are more columns than ``d_in``, only the first ``d_in`` (by priority) may be hard; the rest are
@@ -67,24 +67,29 @@ def _compress(fx: jax.Array, fy: jax.Array, n_cand: int) -> tuple[jax.Array, jax
 def _edit_operator(
     x: jax.Array, y: jax.Array, requested: jax.Array, rcond: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """G (d_in, d_in) such that W = W_o + W_o G is the ErasePro edit of EVERY W_o on these columns.
+    """The ErasePro edit of EVERY W_o reading these columns, as one operator: ``_apply`` makes W from it.
 
-    The targets are t = W_o y, so the minimal edit is linear in W_o row by row: D = W_o (Y - X) P with P
-    (hard columns admitted, rank cutoff, soft fit) depending on X alone; G = (Y - X) P is that solve with
-    W_o = 0 and targets Y - X. One factorisation then serves q/k/v, or every U-Net bucket, and each weight
-    costs one (d_out, d_in, d_in) product instead of a dozen (d_out, d_in, N) ones. Returns G, the hard
-    mask (K,) and the rank held.
+    The targets are t = W_o y, so the minimal edit is linear in the residuals W_o (Y - X) row by row:
+    D = W_o (Y - X) P, with P (K, d_in) (hard columns admitted, rank cutoff, soft fit) depending on X
+    alone. With K < d_in the operator is P itself (the solve with targets I_K); otherwise it is
+    G = (Y - X) P (d_in, d_in; the solve with W_o = 0 and targets Y - X), whichever is smaller. One
+    factorisation then serves q/k/v, or every U-Net bucket. Returns the operator, the hard mask (K,) and
+    the rank held.
     """
-    n_cand, k = requested.shape[0], x.shape[1]
+    d, k = x.shape
+    n_cand = requested.shape[0]
     hard = jnp.concatenate([requested, jnp.zeros(k - n_cand, bool)])
-    zero = jnp.zeros((x.shape[0], x.shape[0]), x.dtype)
-    g, rep = constrained_solve(zero, x, y - x, hard=hard, rcond=rcond, candidates=n_cand)
-    return g, rep.hard, rep.rank
+    if k < d:
+        zero, t = jnp.zeros((k, d), x.dtype), jnp.eye(k, dtype=x.dtype)
+    else:
+        zero, t = jnp.zeros((d, d), x.dtype), y - x
+    op, rep = constrained_solve(zero, x, t, hard=hard, rcond=rcond, candidates=n_cand)
+    return op, rep.hard, rep.rank
 
 
 def _apply(
     w_o: jax.Array,
-    g: jax.Array,
+    op: jax.Array,
     x: jax.Array,
     y: jax.Array,
     hard: jax.Array,
@@ -92,11 +97,11 @@ def _apply(
     kind: jax.Array,
     feature_distance: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The (B, d_out, d_in) weights ``w_o`` edited by ``_edit_operator``'s G, with metrics for the report;
-    residuals are those of the stored W: ||W x_j - W_o y_j|| over ||W_o y_j||."""
-    w = w_o + w_o @ g
+    """The (B, d_out, d_in) weights ``w_o`` edited by ``_edit_operator``'s operator, with metrics for the
+    report; residuals are those of the stored W: ||W x_j - W_o y_j|| over ||W_o y_j||."""
+    before = w_o @ (x - y)  # (B, d_out, K): W_o x - W_o y, minus the residuals the edit removes
+    w = w_o - before @ op if x.shape[1] < x.shape[0] else w_o + w_o @ op
     delta = w - w_o
-    before = w_o @ (x - y)  # (B, d_out, K): W_o x - W_o y
     residual_sq = jnp.sum((delta @ x + before) ** 2, -2)  # (B, K)
     target_sq = jnp.sum((w_o @ y) ** 2, -2)
     n_cand, k = kind.shape[0], x.shape[1]
@@ -175,8 +180,8 @@ def _progressive(
         x, y, dist = _columns(layer.attn_input(h), layer.attn_input(hy), cols, n_cand)
         projs = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
         w_o = jnp.stack([p.kernel[...].T for p in projs])
-        g, hard, rank = _edit_operator(x, y, requested & ~(first & first_soft), rcond)
-        w, metrics = _apply(w_o, g, x, y, hard, rank, kind, dist)
+        op, hard, rank = _edit_operator(x, y, requested & ~(first & first_soft), rcond)
+        w, metrics = _apply(w_o, op, x, y, hard, rank, kind, dist)
         for p, wi in zip(projs, w, strict=True):
             p.kernel.value = wi.T
         # W stays in (d_out, d_in) layout: a transposed scan output is copied whole at every layer
@@ -195,9 +200,9 @@ def _progressive(
     new_unet, unet_metrics = [], []
     if edit_unet:
         x, y, dist = _columns(te.final_layer_norm(h), y_last, cols, n_cand)  # shared by every bucket
-        g, hard, rank = _edit_operator(x, y, requested, rcond)  # so is the edit operator
+        op, hard, rank = _edit_operator(x, y, requested, rcond)  # so is the edit operator
         for kernels in unet_weights:  # one bucket: (n, d_in, d_out) kernels of the same shape
-            w, metrics = _apply(jnp.swapaxes(kernels, -1, -2), g, x, y, hard, rank, kind, dist)
+            w, metrics = _apply(jnp.swapaxes(kernels, -1, -2), op, x, y, hard, rank, kind, dist)
             new_unet.append(jnp.swapaxes(w, -1, -2))
             unet_metrics.append(metrics)
     return qkv, tuple(new_unet), text_metrics, unet_metrics
