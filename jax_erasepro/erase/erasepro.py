@@ -64,6 +64,11 @@ def _compress(fx: jax.Array, fy: jax.Array, n_cand: int) -> tuple[jax.Array, jax
     return jnp.concatenate([x[:, :n_cand], r[:, :d].T], 1), jnp.concatenate([y[:, :n_cand], r[:, d:].T], 1)
 
 
+def _factored(x: jax.Array) -> bool:
+    """Whether the edit operator of columns ``x`` (d_in, K) is P (K < d_in) rather than G (see below)."""
+    return x.shape[1] < x.shape[0]
+
+
 def _edit_operator(
     x: jax.Array, y: jax.Array, requested: jax.Array, rcond: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -79,7 +84,7 @@ def _edit_operator(
     d, k = x.shape
     n_cand = requested.shape[0]
     hard = jnp.concatenate([requested, jnp.zeros(k - n_cand, bool)])
-    if k < d:
+    if _factored(x):
         zero, t = jnp.zeros((k, d), x.dtype), jnp.eye(k, dtype=x.dtype)
     else:
         zero, t = jnp.zeros((d, d), x.dtype), y - x
@@ -99,8 +104,8 @@ def _apply(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The (B, d_out, d_in) weights ``w_o`` edited by ``_edit_operator``'s operator, with metrics for the
     report; residuals are those of the stored W: ||W x_j - W_o y_j|| over ||W_o y_j||."""
-    before = w_o @ (x - y)  # (B, d_out, K): W_o x - W_o y, minus the residuals the edit removes
-    w = w_o - before @ op if x.shape[1] < x.shape[0] else w_o + w_o @ op
+    before = w_o @ (x - y)  # (B, d_out, K): W_o x - W_o y, the residuals before the edit
+    w = w_o - before @ op if _factored(x) else w_o + w_o @ op
     delta = w - w_o
     residual_sq = jnp.sum((delta @ x + before) ** 2, -2)  # (B, K)
     target_sq = jnp.sum((w_o @ y) ** 2, -2)

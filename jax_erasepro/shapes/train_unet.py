@@ -46,13 +46,12 @@ def unet_config(size: str = "small", cross_attention_dim: int = 128) -> UNet2DCo
 
     ``cross_attention_dim`` is the text encoder's width (128 for train_clip's small CLIP).
     """
-    chans, heads, groups, sample = {
-        "small": ((64, 128, 192), 4, 32, 8),
-        "f4": ((32, 64, 128, 192), 4, 16, 16),
-        "tiny": ((8, 16, 32), 2, 8, 16),
+    chans, heads, groups, sample, top_attn = {
+        "small": ((64, 128, 192), 4, 32, 8, True),
+        "f4": ((32, 64, 128, 192), 4, 16, 16, False),
+        "tiny": ((8, 16, 32), 2, 8, 16, False),
     }[size]
-    n = len(chans)
-    attn = (size == "small",) + (True,) * (n - 2) + (False,)  # cross-attention per level, top first
+    attn = (top_attn,) + (True,) * (len(chans) - 2) + (False,)  # cross-attention per level, top first
     return UNet2DConditionConfig(
         sample_size=sample,
         block_out_channels=chans,

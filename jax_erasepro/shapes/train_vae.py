@@ -49,11 +49,11 @@ def vae_config(size: str = "small") -> AutoencoderKLConfig:
 
 
 def train_config(out: str | Path, steps: int = 2_000, seed: int = 0) -> TrainConfig:
-    """The recipe (factor 4; the factor-8 ``small`` VAE ran 4250 steps, then a decoder fine-tune):
+    """The recipe (factor 4; the factor-8 ``small`` VAE ran 4250 steps and a 1000-step decoder fine-tune):
 
     python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae4 --size f4 --steps 2000
-    python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae-dec --steps 1000 \
-        --decoder-from runs/shapes-vae/vae  # sharper edges, same latent space (used on factor 8)
+    python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae4-dec --steps 1500 --seed 2 \
+        --decoder-from runs/shapes-vae4/vae  # sharper edges, same latent space
     """
     return TrainConfig(
         steps=steps, batch_size=32, lr=4e-4, warmup_steps=min(500, steps // 10), end_lr_ratio=0.05,
