@@ -31,6 +31,7 @@ from jax_erasepro.tiny import SD_SCHEDULER
 from jax_erasepro.tokenizer import load_tokenizer, tokenize
 from jax_erasepro.training import TrainConfig, train
 from jax_erasepro.weights import abstract_model, load_state_dict, num_params
+from jax_erasepro.xla_flags import use_training_flags
 
 SCHEDULER = SchedulerConfig.from_dict({"_class_name": "PNDMScheduler", **SD_SCHEDULER})
 P_UNCOND = 0.1  # captions replaced by "" (the unconditional prompt of classifier-free guidance)
@@ -178,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vae", required=True, help="the trained VAE's folder (train_vae's OUT/vae)")
     parser.add_argument("--text-encoder", required=True, help="the exported shapes CLIP (train_clip's OUT)")
     args = parser.parse_args(argv)
+    use_training_flags()  # before JAX starts its backend: see xla_flags
     config = prepare_run(parser, args, train_config(args.out, args.steps, args.seed))
     vae, text_encoder = load_vae(args.vae), load_text_encoder(args.text_encoder)
     unet = UNet2DConditionModel(

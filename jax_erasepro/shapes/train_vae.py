@@ -24,6 +24,7 @@ from jax_erasepro.shapes.render import make_batch
 from jax_erasepro.shapes.runs import export_component, load_component, log_line, prepare_run, run_parser
 from jax_erasepro.training import TrainConfig, train
 from jax_erasepro.weights import num_params
+from jax_erasepro.xla_flags import use_training_flags
 
 KL_WEIGHT = 1e-6  # per latent element, relative to a per-pixel reconstruction loss (SD uses 1e-6 too)
 
@@ -177,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="fine-tune only the decoder of this trained VAE (decoder_loss; same latents and scaling_factor)",
     )
     args = parser.parse_args(argv)
+    use_training_flags()  # before JAX starts its backend: see xla_flags
     config = train_config(args.out, args.steps, args.seed)
     if args.decoder_from:
         config = dataclasses.replace(config, lr=2e-4, warmup_steps=min(100, args.steps // 10))

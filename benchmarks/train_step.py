@@ -1,0 +1,217 @@
+"""shapes-sd training steps (the recipes' UNet, VAE and CLIP): JAX + optax against torch, side by side.
+
+    python benchmarks/train_step.py [--sizes f4 small] [--repeats 5]
+
+One step is the loss, its gradients and an AdamW update at the recipes' batch sizes (UNet 64, VAE 32, CLIP
+128), random weights and inputs (speed does not depend on them). torch runs diffusers' UNet and VAE and
+transformers' CLIPModel with the same configs. JAX runs twice, with XLA's default flags and with
+``jax_erasepro.xla_flags.TRAINING_FLAGS`` (what the shapes training scripts set). Each run is its own
+subprocess; times are medians after two warm-up steps, JAX's compile reported apart; FLOPs are XLA's count
+for the JAX step. Writes benchmarks/results/train_step.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UNET_BATCH, VAE_BATCH, CLIP_BATCH, TEXT_DIM, TOKENS = 64, 32, 128, 128, 77
+BATCH = {"unet": UNET_BATCH, "vae": VAE_BATCH, "clip": CLIP_BATCH}
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _configs(model: str, size: str) -> dict:
+    from jax_erasepro.shapes.train_clip import clip_config
+    from jax_erasepro.shapes.train_unet import unet_config
+    from jax_erasepro.shapes.train_vae import vae_config
+
+    if model == "clip":
+        return clip_config("small").to_dict()  # one CLIP size: the recipe's
+    return (unet_config(size, TEXT_DIM) if model == "unet" else vae_config(size)).to_dict()
+
+
+def run_jax(model: str, size: str, repeats: int) -> dict:
+    import jax
+    import optax
+    from flax import nnx
+
+    from jax_erasepro.models.clip import CLIPConfig, CLIPModel
+    from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+    from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
+    from jax_erasepro.shapes.train_clip import contrastive_loss
+    from jax_erasepro.shapes.train_unet import diffusion_loss
+    from jax_erasepro.shapes.train_vae import vae_loss
+
+    cfg = _configs(model, size)
+    if model == "unet":
+        net = UNet2DConditionModel(UNet2DConditionConfig.from_dict(cfg), rngs=nnx.Rngs(0))
+        s = cfg["sample_size"]
+        batch = {
+            "latents": jax.random.normal(jax.random.key(1), (UNET_BATCH, s, s, 4)),
+            "context": jax.random.normal(jax.random.key(2), (UNET_BATCH, TOKENS, TEXT_DIM)),
+        }
+        loss_fn = diffusion_loss
+    elif model == "clip":
+        net = CLIPModel(CLIPConfig.from_dict(cfg), rngs=nnx.Rngs(0))
+        for encoder in (net.text_model.encoder, net.vision_model.encoder):  # as train_clip trains it
+            encoder.unroll = encoder.layers.layer_norm1.scale.shape[0]
+        batch = {
+            "input_ids": jax.random.randint(jax.random.key(1), (CLIP_BATCH, TOKENS), 0, 49408),
+            "images": jax.random.randint(jax.random.key(2), (CLIP_BATCH, 64, 64, 3), 0, 256),
+        }
+        loss_fn = contrastive_loss
+    else:
+        net = AutoencoderKL(AutoencoderKLConfig.from_dict(cfg), rngs=nnx.Rngs(0))
+        size_px = cfg["sample_size"]
+        batch = {"images": jax.random.randint(jax.random.key(1), (VAE_BATCH, size_px, size_px, 3), 0, 256)}
+        loss_fn = vae_loss
+    tx = optax.adamw(1e-4)
+    graphdef, params = nnx.split(net, nnx.Param)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch, key):
+        def loss(p):
+            return loss_fn(nnx.merge(graphdef, p), batch, key)[0]
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    compiled = step.lower(params, opt_state, batch, key).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    state = [params, opt_state]
+
+    def one() -> None:
+        state[0], state[1], value = compiled(state[0], state[1], batch, key)
+        jax.block_until_ready(value)
+
+    one()
+    one()
+    return {"jax_step_s": _median_time(one, repeats), "jax_compile_s": compile_s,
+            "gflop": float(cost.get("flops", 0.0)) / 1e9}
+
+
+def run_torch(model: str, size: str, repeats: int) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    cfg = _configs(model, size)
+    if model == "unet":
+        net = UNet2DConditionModel.from_config(cfg)
+        s = cfg["sample_size"]
+        latents = torch.randn(UNET_BATCH, 4, s, s)
+        context = torch.randn(UNET_BATCH, TOKENS, TEXT_DIM)
+
+        def loss() -> torch.Tensor:
+            t = torch.randint(0, 1000, (UNET_BATCH,))
+            noise = torch.randn_like(latents)
+            noisy = latents + noise  # the schedule's scaling does not change the cost
+            return torch.mean((net(noisy, t, context).sample - noise) ** 2)
+    elif model == "clip":
+        net = CLIPModel(CLIPConfig(**cfg))
+        ids = torch.randint(0, 49408, (CLIP_BATCH, TOKENS))
+        images = torch.rand(CLIP_BATCH, 3, 64, 64) * 2 - 1
+
+        def loss() -> torch.Tensor:
+            return net(input_ids=ids, pixel_values=images, return_loss=True).loss
+    else:
+        net = AutoencoderKL.from_config(cfg)
+        size_px = cfg["sample_size"]
+        x = torch.rand(VAE_BATCH, 3, size_px, size_px) * 2 - 1
+
+        def loss() -> torch.Tensor:
+            dist = net.encode(x).latent_dist
+            recon = net.decode(dist.sample()).sample
+            kl = 0.5 * torch.mean(dist.mean**2 + dist.var - 1.0 - dist.logvar)
+            return torch.mean(torch.abs(recon - x)) + torch.mean((recon - x) ** 2) + 1e-6 * kl
+
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def one() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+
+    one()
+    one()
+    return {"torch_step_s": _median_time(one, repeats), "torch_threads": torch.get_num_threads()}
+
+
+def _child(args: list[str], xla_flags: str | None = None) -> dict:
+    env = dict(os.environ)
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    from jax_erasepro.xla_flags import TRAINING_FLAGS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["f4", "small"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--child", nargs=4, metavar=("FRAMEWORK", "MODEL", "SIZE", "REPEATS"))
+    args = parser.parse_args()
+    if args.child:
+        framework, model, size, repeats = args.child
+        fn = run_jax if framework == "jax" else run_torch
+        print(json.dumps(fn(model, size, int(repeats))))
+        return
+    rows = []
+    cases = [(m, s) for s in args.sizes for m in ("unet", "vae")] + [("clip", "small")]
+    for model, size in cases:
+        row = {"model": model, "size": size, "batch": BATCH[model]}
+        row |= {f"default_{k}": v for k, v in _child(["jax", model, size, str(args.repeats)], "").items()}
+        row |= _child(["jax", model, size, str(args.repeats)], " ".join(TRAINING_FLAGS))
+        row |= _child(["torch", model, size, str(args.repeats)])
+        row["flags_speedup"] = row["default_jax_step_s"] / row["jax_step_s"]
+        row["jax_speedup"] = row["torch_step_s"] / row["jax_step_s"]
+        row["jax_gflops"] = row["gflop"] / row["jax_step_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(
+        f"{'model':6} {'size':6} {'batch':>5} {'GFLOP':>6} {'JAX default s':>13} {'JAX flags s':>11} "
+        f"{'torch s':>8} {'flags gain':>10} {'JAX/torch':>9} {'GFLOP/s':>7} {'compile s':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:6} {r['size']:6} {r['batch']:5d} {r['gflop']:6.1f} {r['default_jax_step_s']:13.3f} "
+            f"{r['jax_step_s']:11.3f} {r['torch_step_s']:8.3f} {r['flags_speedup']:9.2f}x "
+            f"{r['jax_speedup']:8.2f}x {r['jax_gflops']:7.0f} {r['jax_compile_s']:9.1f}"
+        )
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "train_step.json").write_text(
+        json.dumps({"training_flags": list(TRAINING_FLAGS), "rows": rows}, indent=2) + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
