@@ -49,3 +49,15 @@ def test_not_added_once_the_backend_runs(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     assert not use_training_flags()
     assert "XLA_FLAGS" not in os.environ
+
+
+def test_not_added_on_another_jaxlib(monkeypatch):
+    import jaxlib.version
+
+    from jax_erasepro import xla_flags
+
+    monkeypatch.setattr(jaxlib.version, "__version__", "9.9.0")
+    monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert not use_training_flags()
+    assert "XLA_FLAGS" not in os.environ
