@@ -16,25 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from pipeline import _median_time  # benchmarks/ is on sys.path when this runs as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 UNET_BATCH, VAE_BATCH, CLIP_BATCH, TEXT_DIM, TOKENS = 64, 32, 128, 128, 77
 BATCH = {"unet": UNET_BATCH, "vae": VAE_BATCH, "clip": CLIP_BATCH}
 FLAGGED = {"unet", "vae"}  # the models whose training scripts set TRAINING_FLAGS (train_clip does not)
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _configs(model: str, size: str) -> dict:
