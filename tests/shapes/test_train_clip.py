@@ -196,3 +196,11 @@ def test_degrade_blurs_tints_and_noises_about_half(tokenizer):
     plain, augmented = tc.clip_batches(tokenizer, 32, 1), tc.clip_batches(tokenizer, 32, 1, augment=True)
     want = tc.degrade(plain(5)["images"], np.random.default_rng((1, 5, 2)))
     np.testing.assert_array_equal(augmented(5)["images"], want)
+
+
+def test_text_variance_shares_are_fractions(trained, tokenizer):
+    """Shape and colour main effects of a balanced two-way design: each in [0, 1], together at most 1."""
+    shares = tc.text_variance_shares(trained, tokenizer)
+    assert set(shares) == {"shape", "colour"}
+    assert all(0.0 <= v <= 1.0 for v in shares.values())
+    assert shares["shape"] + shares["colour"] <= 1.0 + 1e-9
