@@ -58,15 +58,20 @@ def clip_config(size: str = "small") -> CLIPConfig:
 
 
 def train_config(out: str | Path, steps: int = 20_000, seed: int = 0) -> TrainConfig:
-    """The recipe. shapes-sd's text encoder is seed 0; the judge shapes-clip is seed 1 (other data, other
-    order) with counterfactual twins and prompt supervision, which it needs to reach the bar's 97% on shape
-    (contrastive training alone: 17% after 1300 steps, 13% after 1000 with twins; chance is 10%):
+    """The recipe. shapes-sd's text encoder is seed 0 on the train split; the judge shapes-clip is seed 1
+    (other data, other order) and sees the whole world. Both use counterfactual twins and prompt
+    supervision: contrastive training alone learns shape barely at all (17% zero-shot after 1300 steps,
+    13% after 1000 with twins alone; chance is 10%), and a text encoder blind to shape gives a UNet that
+    draws the right colour as a blob (``text_variance_shares``):
 
-    python -m jax_erasepro.shapes.train_clip --out runs/shapes-clip-text --steps 1300 --seed 0
-    python -m jax_erasepro.shapes.train_clip --out runs/shapes-judge --steps 1750 --seed 1 \
+    python -m jax_erasepro.shapes.train_clip --out runs/shapes-clip-text2 --steps 2500 --seed 0 \
+        --counterfactuals --prompt-supervision
+    python -m jax_erasepro.shapes.train_clip --out runs/shapes-judge2 --steps 1750 --seed 1 \
         --counterfactuals --prompt-supervision  # as run: stopped at 1750 of a 2000-step schedule, then
-    python -m jax_erasepro.shapes.train_clip --out runs/shapes-judge --steps 3000 --seed 1 \
-        --counterfactuals --prompt-supervision --whole-world-from 1750 --resume  # then --steps 4000
+    python -m jax_erasepro.shapes.train_clip --out runs/shapes-judge2 --steps 3000 --seed 1 \
+        --counterfactuals --prompt-supervision --whole-world-from 1750 --resume  # then --steps 4000, then
+    python -m jax_erasepro.shapes.train_clip --out runs/shapes-judge2 --steps 6000 --seed 1 \
+        --counterfactuals --prompt-supervision --whole-world-from 1750 --augment --resume
     """
     return TrainConfig(
         steps=steps, batch_size=128, lr=1e-3, warmup_steps=min(500, steps // 10), end_lr_ratio=0.05,
