@@ -51,12 +51,14 @@ def folders(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("size, factor", [("small", 8), ("f4", 4)])
-def test_small_models_fit_the_budget(size, factor):
+@pytest.mark.parametrize(
+    "size, unet_size, factor", [("small", "small", 8), ("f4", "f4", 4), ("f4w", "f4", 4)]
+)
+def test_small_models_fit_the_budget(size, unet_size, factor):
     """shapes-sd's VAE and UNet in fp16 take at most the ~28 MB the two CLIPs leave of 60 MB, and the UNet's
     sample size is the VAE's latent size for 64 px."""
     vae = nnx.eval_shape(lambda: tv.AutoencoderKL(tv.vae_config(size), rngs=nnx.Rngs(0)))
-    unet = nnx.eval_shape(lambda: tu.UNet2DConditionModel(tu.unet_config(size), rngs=nnx.Rngs(0)))
+    unet = nnx.eval_shape(lambda: tu.UNet2DConditionModel(tu.unet_config(unet_size), rngs=nnx.Rngs(0)))
     assert 2 * (num_params(vae) + num_params(unet)) <= 28e6
     assert 2 ** (len(vae.config.block_out_channels) - 1) == factor
     assert unet.config.sample_size * factor == vae.config.sample_size == 64
