@@ -84,15 +84,20 @@ def sample_latents(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Ar
 
 
 def vae_loss(
-    model: AutoencoderKL, batch: dict[str, jax.Array], key: jax.Array
+    model: AutoencoderKL, batch: dict[str, jax.Array], key: jax.Array, *, edges: bool = False
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """L1 + L2 reconstruction of a posterior sample, plus ``KL_WEIGHT`` x KL per latent element."""
+    """L1 + L2 reconstruction of a posterior sample (``edge_terms`` with ``edges``), plus ``KL_WEIGHT`` x KL
+    per latent element."""
     x = pixels(batch["images"])
     mean, logvar = model.encode(x)
     recon = model.decode(sample_latents(mean, logvar, key))
-    l1, l2 = jnp.mean(jnp.abs(recon - x)), jnp.mean(jnp.square(recon - x))
+    if edges:
+        rec, metrics = edge_terms(recon, x)
+    else:
+        l1, l2 = jnp.mean(jnp.abs(recon - x)), jnp.mean(jnp.square(recon - x))
+        rec, metrics = l1 + l2, {"l1": l1, "l2": l2}
     kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
-    return l1 + l2 + KL_WEIGHT * kl, {"l1": l1, "l2": l2, "kl": kl}
+    return rec + KL_WEIGHT * kl, {**metrics, "kl": kl}
 
 
 EDGE_WEIGHT = 9.0  # decoder fine-tuning: extra weight on pixels near an edge of the target
@@ -108,21 +113,25 @@ def _edges(x: jax.Array) -> jax.Array:
     return jax.lax.reduce_window(edge, 0.0, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
 
 
-def decoder_loss(
-    model: AutoencoderKL, batch: dict[str, jax.Array], key: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Decoder fine-tuning (SD's ft-MSE VAE precedent: new decoder, same latents): edge-weighted L1 + L2 of
-    the decoded posterior sample, plus L1 between the image gradients. The flat background is most of
-    each image, so a plain pixel loss lets the decoder round off star points and cross arms."""
-    x = pixels(batch["images"])
-    mean, logvar = jax.lax.stop_gradient(model.encode(x))
-    recon = model.decode(sample_latents(mean, logvar, key))
+def edge_terms(recon: jax.Array, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Edge-weighted L1 + L2 plus L1 between the image gradients of ``recon`` and ``x``. The flat background
+    is most of each image, so a plain pixel loss lets a decoder round off star points and cross arms."""
     w = 1.0 + EDGE_WEIGHT * _edges(x)
     err = recon - x
     l1 = jnp.mean(w * jnp.abs(err)) / jnp.mean(w)
     l2 = jnp.mean(w * jnp.square(err)) / jnp.mean(w)
     grad = jnp.mean(jnp.abs(jnp.diff(err, axis=1))) + jnp.mean(jnp.abs(jnp.diff(err, axis=2)))
     return l1 + l2 + grad, {"l1": jnp.mean(jnp.abs(err)), "l2": jnp.mean(jnp.square(err)), "grad": grad}
+
+
+def decoder_loss(
+    model: AutoencoderKL, batch: dict[str, jax.Array], key: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Decoder fine-tuning (SD's ft-MSE VAE precedent: new decoder, same latents): ``edge_terms`` of the
+    decoded posterior sample, the encoder held fixed."""
+    x = pixels(batch["images"])
+    mean, logvar = jax.lax.stop_gradient(model.encode(x))
+    return edge_terms(model.decode(sample_latents(mean, logvar, key)), x)
 
 
 @nnx.jit
@@ -178,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--decoder-from", metavar="VAE_DIR",
         help="fine-tune only the decoder of this trained VAE (decoder_loss; same latents and scaling_factor)",
     )
+    parser.add_argument(
+        "--edge-loss", action="store_true", help="train with edge_terms (decoder_loss's) from the start"
+    )
     args = parser.parse_args(argv)
     use_training_flags()  # before JAX starts its backend: see xla_flags
     config = train_config(args.out, args.steps, args.seed)
@@ -187,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.decoder_from:
         model, loss, wrt = load_vae(args.decoder_from), decoder_loss, DECODER
     else:
-        model, loss, wrt = AutoencoderKL(vae_config(args.size), rngs=nnx.Rngs(args.seed)), vae_loss, nnx.Param
+        model, wrt = AutoencoderKL(vae_config(args.size), rngs=nnx.Rngs(args.seed)), nnx.Param
+        loss = functools.partial(vae_loss, edges=args.edge_loss)
     print(f"VAE: {num_params(model) / 1e6:.2f}M params; {config}")
     with open(Path(args.out) / "log.jsonl", "a") as log:
         train(model, loss, vae_batches(config.batch_size, args.seed), config, wrt=wrt,

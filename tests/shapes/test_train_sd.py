@@ -106,6 +106,17 @@ def test_decoder_fine_tuning_keeps_the_latent_space():
     assert 0 < edges.mean() < 0.5  # shapes' outlines, not the flat background
 
 
+def test_edge_loss_is_the_decoder_loss_plus_kl():
+    """``--edge-loss``: the full VAE's objective is decoder_loss's on the same posterior draw, plus the KL."""
+    model = tv.AutoencoderKL(tv.vae_config("tiny"), rngs=nnx.Rngs(0))
+    batch, key = tv.vae_batches(4, 0)(0), jax.random.key(3)
+    loss, metrics = tv.vae_loss(model, batch, key, edges=True)
+    dec, _ = tv.decoder_loss(model, batch, key)
+    np.testing.assert_allclose(float(loss), float(dec) + tv.KL_WEIGHT * float(metrics["kl"]), rtol=1e-6)
+    plain, _ = tv.vae_loss(model, batch, key)
+    assert float(plain) != float(loss)
+
+
 def test_caption_dropout_and_batch_determinism():
     """About P_UNCOND of the captions become "" (BOS, EOS, padding), and a step's batch is reproducible."""
     tokenizer = load_tokenizer(tc.TOKENIZER_DIR)
