@@ -56,6 +56,9 @@ def train_config(out: str | Path, steps: int = 2_000, seed: int = 0) -> TrainCon
     python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae4 --size f4 --steps 2000
     python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae4-dec --steps 1500 --seed 2 \
         --decoder-from runs/shapes-vae4/vae  # sharper edges, same latent space
+
+    Next (session 6, running): the wider VAE with the edge terms from the start, for the next UNet:
+    python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae4w --size f4w --steps 3000 --edge-loss
     """
     return TrainConfig(
         steps=steps, batch_size=32, lr=4e-4, warmup_steps=min(500, steps // 10), end_lr_ratio=0.05,
