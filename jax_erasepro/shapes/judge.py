@@ -22,10 +22,12 @@ from transformers import CLIPTokenizer
 from jax_erasepro.images import save_grid
 from jax_erasepro.loading import SafetensorsReader, load_pretrained
 from jax_erasepro.models.clip import CLIPConfig, CLIPModel
+from jax_erasepro.models.vae import AutoencoderKL
 from jax_erasepro.pipeline import StableDiffusion, generate
-from jax_erasepro.shapes.render import make_scenes
-from jax_erasepro.shapes.train_clip import zero_shot_predict
-from jax_erasepro.shapes.world import Scene
+from jax_erasepro.shapes.render import make_scenes, render
+from jax_erasepro.shapes.train_clip import ATTRIBUTES, image_label, single_object_scenes, zero_shot_predict
+from jax_erasepro.shapes.train_vae import load_vae, reconstruct
+from jax_erasepro.shapes.world import SIZES, Scene
 from jax_erasepro.tokenizer import load_tokenizer
 from jax_erasepro.weights import abstract_model, load_state_dict
 
@@ -198,6 +200,27 @@ def evaluate(
     return score(judge, probes, images), probes, images
 
 
+def vae_ceiling(
+    vae: AutoencoderKL, judge: Judge, n: int = 600, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """The judge's rates on n one-object test renders and on the VAE's reconstructions of them, with shape
+    also by object size: what the VAE lets through caps what any UNet on its latents can score."""
+    scenes = single_object_scenes(seed, n)
+    images = np.stack([render(s) for s in scenes])
+    out = {}
+    for name, batch in (("renders", images), ("reconstructions", reconstruct(vae, images))):
+        rates = {}
+        for attribute in ATTRIBUTES:
+            right = np.array([p == image_label(s, attribute)
+                              for p, s in zip(judge.classify(batch, attribute), scenes, strict=True)])
+            rates[attribute] = float(right.mean())
+            if attribute == "shape":
+                sizes = np.array([s.objects[0].size for s in scenes])
+                rates |= {f"shape_{z}": float(right[sizes == z].mean()) for z in SIZES if (sizes == z).any()}
+        out[name] = rates
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: measure a shapes-sd folder against the quality bar with a judge; print and write the rates."""
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -206,7 +229,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=50, help="prompts per part of the bar")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out", help="write the rates (JSON) and an image grid here")
+    parser.add_argument(
+        "--vae", help="instead: score this VAE folder's reconstructions of --n one-object test renders"
+    )
     args = parser.parse_args(argv)
+    if args.vae:
+        rates = vae_ceiling(load_vae(args.vae), load_judge(args.judge), args.n)
+        print(json.dumps(rates, indent=2))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "vae_ceiling.json").write_text(json.dumps(rates, indent=2) + "\n")
+        return
     scores, probes, images = evaluate(load_pretrained(args.model), load_judge(args.judge), args.n,
                                       num_inference_steps=args.steps)
     print(json.dumps(scores, indent=2), "\nmeets the bar:", meets_bar(scores))

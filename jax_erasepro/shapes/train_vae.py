@@ -144,9 +144,14 @@ def _posterior(model: AutoencoderKL, images: jax.Array) -> tuple[jax.Array, jax.
 
 @nnx.jit
 def _reconstruct(model: AutoencoderKL, images: jax.Array) -> jax.Array:
-    """uint8 images -> uint8 reconstructions from the posterior mean, rounded as the pipeline does."""
     out = model.decode(model.encode(pixels(images))[0])
     return jnp.round(jnp.clip(out / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+
+def reconstruct(model: AutoencoderKL, images: np.ndarray, chunk: int = 250) -> np.ndarray:
+    """uint8 images -> uint8 reconstructions from the posterior mean, rounded as the pipeline does."""
+    return np.concatenate([np.asarray(_reconstruct(model, images[k : k + chunk]))
+                           for k in range(0, len(images), chunk)])
 
 
 def latent_scaling_factor(model: AutoencoderKL, n: int = 2048, seed: int = 7, chunk: int = 256) -> float:
@@ -162,8 +167,7 @@ def latent_scaling_factor(model: AutoencoderKL, n: int = 2048, seed: int = 7, ch
 def psnr(model: AutoencoderKL, n: int = 1000, seed: int = 0, chunk: int = 250) -> float:
     """Reconstruction PSNR (dB, uint8 scale) over n held-out test-split renders."""
     images = make_batch(seed, n, "test")[0]
-    recon = np.concatenate([_reconstruct(model, images[k : k + chunk]) for k in range(0, n, chunk)])
-    return psnr_of(recon, images)
+    return psnr_of(reconstruct(model, images, chunk), images)
 
 
 def psnr_of(recon: np.ndarray, images: np.ndarray) -> float:

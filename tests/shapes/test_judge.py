@@ -4,10 +4,12 @@ import collections
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from jax_erasepro.shapes import judge as jd
+from jax_erasepro.shapes import train_vae as tv
 from jax_erasepro.shapes.render import render
-from jax_erasepro.shapes.train_clip import image_label
+from jax_erasepro.shapes.train_clip import image_label, single_object_scenes
 from jax_erasepro.shapes.world import BACKGROUND_RGB, Obj, Scene
 
 
@@ -68,6 +70,18 @@ def test_score_is_perfect_on_the_probes_own_renders():
     # a wrong picture is caught: shuffled images
     shuffled = jd.score(Oracle([p.scene for p in probes]), probes, images[::-1])
     assert min(shuffled.values()) < 1.0
+
+
+def test_vae_ceiling_scores_renders_and_reconstructions_apart():
+    """The oracle knows every render and no reconstruction of an untrained VAE: 1 and 0 on every rate."""
+    scenes = single_object_scenes(0, 12)
+    vae = tv.AutoencoderKL(tv.vae_config("tiny"), rngs=nnx.Rngs(0))
+    rates = jd.vae_ceiling(vae, Oracle(scenes), n=12)
+    assert set(rates["renders"]) == set(rates["reconstructions"]) >= {"shape", "colour", "style", "character"}
+    assert set(rates["renders"].values()) == {1.0}
+    assert set(rates["reconstructions"].values()) == {0.0}
+    sizes = {s.objects[0].size for s in scenes}
+    assert {k for k in rates["renders"] if k.startswith("shape_")} == {f"shape_{z}" for z in sizes}
 
 
 def _shipped():
