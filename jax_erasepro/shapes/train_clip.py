@@ -377,9 +377,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         train(model, contrastive_loss, batches, config, on_log=functools.partial(log_line, log))
     export(model, args.out)
     scores = {a: zero_shot_accuracy(model, tokenizer, a, args.eval_n) for a in ATTRIBUTES}
-    scores["text_variance_shares"] = text_variance_shares(model, tokenizer)
     (Path(args.out) / "zero_shot.json").write_text(json.dumps(scores, indent=2) + "\n")
     print("zero-shot accuracy on fresh test renders:", json.dumps(scores))
+    shares = text_variance_shares(model, tokenizer)
+    (Path(args.out) / "text_variance.json").write_text(json.dumps(shares, indent=2) + "\n")
+    print("text-state variance shares:", json.dumps(shares))
 
 
 if __name__ == "__main__":

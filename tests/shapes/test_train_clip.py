@@ -96,9 +96,8 @@ def test_zero_shot_scores_one_object_scenes(trained, tokenizer):
 def test_cli_trains_resumes_and_exports(tmp_path, capsys):
     args = ["--out", str(tmp_path), "--steps", "2", "--size", "tiny", "--batch-size", "4", "--eval-n", "10"]
     tc.main(args)
-    assert {"config.json", "model.safetensors", "vocab.json", "zero_shot.json", "log.jsonl"} <= {
-        p.name for p in tmp_path.iterdir()
-    }
+    assert {"config.json", "model.safetensors", "vocab.json", "zero_shot.json", "text_variance.json",
+            "log.jsonl"} <= {p.name for p in tmp_path.iterdir()}
     scores = json.loads((tmp_path / "zero_shot.json").read_text())
     assert set(scores) == set(tc.ATTRIBUTES) and all(0 <= v <= 1 for v in scores.values())
     with pytest.raises(SystemExit):  # an existing run is only continued on request
