@@ -69,8 +69,8 @@ def train_config(out: str | Path, steps: int = 12_000, seed: int = 0) -> TrainCo
     """The recipe, after train_vae and train_clip (seed 0) have exported their folders (the factor-8
     ``small`` UNet ran 4750 steps):
 
-    python -m jax_erasepro.shapes.train_unet --out runs/shapes-unet5 --size f4 --steps 12000 \
-        --vae runs/shapes-vae4/vae --text-encoder runs/shapes-clip-text2
+    python -m jax_erasepro.shapes.train_unet --out runs/shapes-unet6 --size f4 --steps 12000 \
+        --vae runs/shapes-vae4w-2000/vae --text-encoder runs/shapes-clip-text2
     """
     return TrainConfig(
         steps=steps, batch_size=64, lr=4e-4, warmup_steps=min(500, steps // 10), end_lr_ratio=0.1,

@@ -57,7 +57,8 @@ def train_config(out: str | Path, steps: int = 2_000, seed: int = 0) -> TrainCon
     python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae4-dec --steps 1500 --seed 2 \
         --decoder-from runs/shapes-vae4/vae  # sharper edges, same latent space
 
-    Next (session 6, running): the wider VAE with the edge terms from the start, for the next UNet:
+    Then (session 6) the wider VAE with the edge terms from the start, which needs no decoder fine-tune;
+    stopped at step 2000 of this schedule and exported with --export-only (its encoder is the next UNet's):
     python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae4w --size f4w --steps 3000 --edge-loss
     """
     return TrainConfig(
