@@ -1,4 +1,5 @@
-"""shapes-clip, the independent judge, and shapes-sd's quality bar measured with it.
+"""shapes-clip, the independent judge, and shapes-sd's quality bar measured with it (and what a VAE lets
+through of it, ``vae_ceiling``).
 
 The judge is a CLIP trained apart from shapes-sd's text encoder (other seed, other data order). It labels
 a generated 64 px image zero-shot by shape, colour, painter or character; two-object images are judged one
