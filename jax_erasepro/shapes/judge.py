@@ -208,17 +208,15 @@ def vae_ceiling(
     also by object size: what the VAE lets through caps what any UNet on its latents can score."""
     scenes = single_object_scenes(seed, n)
     images = np.stack([render(s) for s in scenes])
+    truth = {a: np.array([image_label(s, a) for s in scenes]) for a in ATTRIBUTES}
+    sizes = np.array([s.objects[0].size for s in scenes])
     out = {}
     for name, batch in (("renders", images), ("reconstructions", reconstruct(vae, images))):
-        rates = {}
-        for attribute in ATTRIBUTES:
-            right = np.array([p == image_label(s, attribute)
-                              for p, s in zip(judge.classify(batch, attribute), scenes, strict=True)])
-            rates[attribute] = float(right.mean())
-            if attribute == "shape":
-                sizes = np.array([s.objects[0].size for s in scenes])
-                rates |= {f"shape_{z}": float(right[sizes == z].mean()) for z in SIZES if (sizes == z).any()}
-        out[name] = rates
+        right = {a: np.array(judge.classify(batch, a)) == truth[a] for a in ATTRIBUTES}
+        rates = {a: float(r.mean()) for a, r in right.items()}
+        out[name] = rates | {
+            f"shape_{z}": float(right["shape"][sizes == z].mean()) for z in SIZES if (sizes == z).any()
+        }
     return out
 
 
