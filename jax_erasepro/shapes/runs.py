@@ -27,7 +27,8 @@ def run_parser(
     batch_size: int,
     sizes: tuple[str, ...] = ("small", "tiny"),
 ) -> argparse.ArgumentParser:
-    """The flags every training CLI takes: --out --steps --seed --resume --size --batch-size --export-only."""
+    """The flags every training CLI takes: --out --steps --seed --resume --size --batch-size --workers
+    --export-only."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="run folder: checkpoints in OUT/ckpt, exports in OUT")
     parser.add_argument("--steps", type=int, default=steps, help="also sets the learning-rate schedule")
@@ -35,6 +36,10 @@ def run_parser(
     parser.add_argument("--resume", action="store_true", help="continue the run OUT/ckpt holds")
     parser.add_argument("--size", choices=sizes, default=sizes[0], help="model config (default %(default)s)")
     parser.add_argument("--batch-size", type=int, help=f"override the recipe's {batch_size}")
+    parser.add_argument(
+        "--workers", type=int, default=0,
+        help="processes that render batches ahead (for accelerators; the same batches for any number)",
+    )
     parser.add_argument(
         "--export-only", action="store_true",
         help="train no further: export (and evaluate) the last checkpoint in OUT/ckpt, EMA weights if any",

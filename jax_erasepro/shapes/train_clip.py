@@ -11,7 +11,7 @@ import functools
 import json
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 from transformers import CLIPTokenizer
 
 from jax_erasepro.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from jax_erasepro.prefetch import prefetched
 from jax_erasepro.shapes.render import make_scenes, render
 from jax_erasepro.shapes.runs import log_line, prepare_run, run_parser
 from jax_erasepro.shapes.world import COLOURS, HELD_OUT_PAIRS, SHAPES, STYLES, Scene, Split, judge_prompts
@@ -156,15 +157,7 @@ def degrade(images: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def clip_batches(
-    tokenizer: CLIPTokenizer,
-    batch_size: int,
-    seed: int,
-    counterfactuals: bool = False,
-    prompt_supervision: bool = False,
-    whole_world_from: int | None = None,
-    augment: bool = False,
-) -> Callable[[int], dict[str, np.ndarray]]:
+class ClipBatches:
     """step -> a fresh batch of train-split renders and their token ids; other seeds see other data.
 
     With ``counterfactuals`` the batch is half scenes, half their ``counterfactual`` twins. With
@@ -173,23 +166,39 @@ def clip_batches(
     steps draw from the test split too (held-out pairs and templates): a judge must know the whole world, and
     one trained on the train split alone names the shape of a held-out pair in 28% of renders (84% for seen).
     With ``augment`` half the images are ``degrade``d (for the judge, which must score generated images).
+    A picklable callable, so ``prefetched`` workers can render batches ahead.
     """
-    prompts = [p for a in ATTRIBUTES for p in judge_prompts(a).values()]
-    prompt_ids = tokenize(tokenizer, prompts, max_length=TRAIN_TOKENS)
 
-    def batch(step: int) -> dict[str, np.ndarray]:
-        scenes, images, captions = _batch_scenes(step)
-        if augment:
-            images = degrade(images, np.random.default_rng((seed, step, 2)))
-        out = {"images": images, "input_ids": tokenize(tokenizer, captions, max_length=TRAIN_TOKENS)}
-        if prompt_supervision:
-            out |= {"prompt_ids": prompt_ids, "labels": scene_labels(scenes)}
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        batch_size: int,
+        seed: int,
+        counterfactuals: bool = False,
+        prompt_supervision: bool = False,
+        whole_world_from: int | None = None,
+        augment: bool = False,
+    ):
+        self.tokenizer, self.batch_size, self.seed = tokenizer, batch_size, seed
+        self.counterfactuals, self.prompt_supervision = counterfactuals, prompt_supervision
+        self.whole_world_from, self.augment = whole_world_from, augment
+        prompts = [p for a in ATTRIBUTES for p in judge_prompts(a).values()]
+        self.prompt_ids = tokenize(tokenizer, prompts, max_length=TRAIN_TOKENS)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        scenes, images, captions = self._scenes(step)
+        if self.augment:
+            images = degrade(images, np.random.default_rng((self.seed, step, 2)))
+        out = {"images": images, "input_ids": tokenize(self.tokenizer, captions, max_length=TRAIN_TOKENS)}
+        if self.prompt_supervision:
+            out |= {"prompt_ids": self.prompt_ids, "labels": scene_labels(scenes)}
         return out
 
-    def _batch_scenes(step: int) -> tuple[list[Scene], np.ndarray, list[str]]:
-        whole = whole_world_from is not None and step >= whole_world_from
+    def _scenes(self, step: int) -> tuple[list[Scene], np.ndarray, list[str]]:
+        seed, batch_size = self.seed, self.batch_size
+        whole = self.whole_world_from is not None and step >= self.whole_world_from
         split: Split = "test" if whole and step % 2 else "train"
-        if not counterfactuals:
+        if not self.counterfactuals:
             scenes, captions = make_scenes(seed * 1_000_000 + step, batch_size, split)
             return scenes, np.stack([render(s) for s in scenes]), captions
         half = batch_size // 2
@@ -202,8 +211,6 @@ def clip_batches(
                 more_scenes[k], more_captions[k] = twin
         scenes, captions = scenes + more_scenes, captions + more_captions
         return scenes, np.stack([render(s) for s in scenes]), captions
-
-    return batch
 
 
 def contrastive_loss(
@@ -369,10 +376,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for encoder in (model.text_model.encoder, model.vision_model.encoder):
         encoder.unroll = encoder.layers.layer_norm1.scale.shape[0]
     print(f"CLIP {args.size}: {num_params(model) / 1e6:.2f}M params; {config}")
-    batches = clip_batches(
+    batches = prefetched(ClipBatches(
         tokenizer, config.batch_size, args.seed, args.counterfactuals, args.prompt_supervision,
         args.whole_world_from, args.augment,
-    )
+    ), args.workers)
     with open(Path(args.out) / "log.jsonl", "a") as log:
         train(model, contrastive_loss, batches, config, on_log=functools.partial(log_line, log))
     export(model, args.out)

@@ -22,6 +22,7 @@ from jax_erasepro.loading import TEXT_PREFIX, SafetensorsReader
 from jax_erasepro.models.clip import CLIPConfig, CLIPTextModel
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jax_erasepro.models.vae import AutoencoderKL
+from jax_erasepro.prefetch import prefetched
 from jax_erasepro.schedulers import SchedulerConfig, add_noise
 from jax_erasepro.shapes.render import make_batch
 from jax_erasepro.shapes.runs import export_component, load_component, log_line, prepare_run, run_parser
@@ -43,13 +44,15 @@ REUSE = 4  # steps each rendered and encoded image is trained on (see unet_batch
 def unet_config(size: str = "small", cross_attention_dim: int = 128) -> UNet2DConditionConfig:
     """SD v1's block layout: ``small`` on 8x8 latents (8 -> 4 -> 2, ~8.8M params), ``f4`` on the factor-4
     VAE's 16x16 latents (a narrow 16x16 level in front, 16 -> 8 -> 4 -> 2, without attention there: 256-token
-    attention at width 32 doubled the step time), or ``tiny`` (laid out as ``f4``) for tests.
+    attention at width 32 doubled the step time on the CPU), ``f4a`` (wider, attention at 16x16 too, ~11.4M
+    params: for GPU training) or ``tiny`` (laid out as ``f4``) for tests.
 
     ``cross_attention_dim`` is the text encoder's width (128 for train_clip's small CLIP).
     """
     chans, heads, groups, sample, top_attn = {
         "small": ((64, 128, 192), 4, 32, 8, True),
         "f4": ((32, 64, 128, 192), 4, 16, 16, False),
+        "f4a": ((48, 96, 160, 192), 4, 16, 16, True),
         "tiny": ((8, 16, 32), 2, 8, 16, False),
     }[size]
     attn = (top_attn,) + (True,) * (len(chans) - 2) + (False,)  # cross-attention per level, top first
@@ -109,42 +112,54 @@ def frozen_encoder(
     return lambda images, ids, key: encode(vae_params, text_params, images, ids, key)
 
 
+class TrainBlocks:
+    """block index -> (uint8 renders, token ids) of ``size`` train scenes, ``P_UNCOND`` of the captions set
+    to "". A picklable callable, so ``prefetch`` workers can render blocks ahead."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, size: int, seed: int):
+        self.tokenizer, self.size, self.seed = tokenizer, size, seed
+
+    def __call__(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        images, captions, _ = make_batch(self.seed * 1_000_000 + b, self.size, "train")
+        drop = np.random.default_rng((self.seed, b)).random(self.size) < P_UNCOND
+        captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
+        return images, tokenize(self.tokenizer, captions, max_length=TEXT_TOKENS)
+
+
 def unet_batches(
     encode: Callable[[np.ndarray, np.ndarray, jax.Array], tuple[jax.Array, jax.Array]],
     tokenizer: CLIPTokenizer,
     batch_size: int,
     seed: int,
     reuse: int = REUSE,
+    workers: int = 0,
 ) -> Callable[[int], dict[str, jax.Array]]:
-    """step -> latents and text states of train renders, ``P_UNCOND`` of the captions set to "".
+    """step -> latents and text states of train renders (``TrainBlocks``).
 
     Renders come in blocks of ``batch_size // reuse``; step s takes blocks s, s+1, ..., s+reuse-1, so each
     block is rendered and encoded once and seen in ``reuse`` consecutive steps, each time beside other
     blocks and under fresh noise and timesteps. This cuts the frozen encoders' share of a step by ``reuse``.
-    Calls must come in increasing step order to hit the cache (any order gives the same batches).
+    ``workers`` processes render blocks ahead (the same batches for any number). Calls must come in
+    increasing step order to hit the caches (any order gives the same batches).
     """
     if batch_size % reuse:
         raise ValueError(f"batch_size {batch_size} is not a multiple of reuse {reuse}")
-    block_size = batch_size // reuse
+    blocks = prefetched(TrainBlocks(tokenizer, batch_size // reuse, seed), workers)
     cache: dict[int, tuple[jax.Array, jax.Array]] = {}
 
     def block(b: int) -> tuple[jax.Array, jax.Array]:
         if b not in cache:
-            images, captions, _ = make_batch(seed * 1_000_000 + b, block_size, "train")
-            drop = np.random.default_rng((seed, b)).random(block_size) < P_UNCOND
-            captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
-            ids = tokenize(tokenizer, captions, max_length=TEXT_TOKENS)
             key = jax.random.fold_in(jax.random.key(seed + 1), b)  # not the step's own key stream
-            cache[b] = encode(images, ids, key)
+            cache[b] = encode(*blocks(b), key)
         return cache[b]
 
     def batch(step: int) -> dict[str, jax.Array]:
-        blocks = [block(step + k) for k in range(reuse)]
+        parts = [block(step + k) for k in range(reuse)]
         for b in [b for b in cache if b < step]:
             del cache[b]
         return {
-            "latents": jnp.concatenate([latents for latents, _ in blocks]),
-            "context": jnp.concatenate([context for _, context in blocks]),
+            "latents": jnp.concatenate([latents for latents, _ in parts]),
+            "context": jnp.concatenate([context for _, context in parts]),
         }
 
     return batch
@@ -175,19 +190,26 @@ def load_unet(folder: str | Path) -> UNet2DConditionModel:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: train (or resume) the shapes UNet on the frozen VAE and text encoder, export it to OUT/unet."""
-    parser = run_parser(main.__doc__, steps=12_000, batch_size=64, sizes=("f4", "small", "tiny"))
+    parser = run_parser(main.__doc__, steps=12_000, batch_size=64, sizes=("f4", "f4a", "small", "tiny"))
     parser.add_argument("--vae", required=True, help="the trained VAE's folder (train_vae's OUT/vae)")
     parser.add_argument("--text-encoder", required=True, help="the exported shapes CLIP (train_clip's OUT)")
+    parser.add_argument("--init-from", help="start from this exported unet/ folder instead of random weights")
     args = parser.parse_args(argv)
     use_training_flags()  # before JAX starts its backend: see xla_flags
     config = prepare_run(parser, args, train_config(args.out, args.steps, args.seed))
     vae, text_encoder = load_vae(args.vae), load_text_encoder(args.text_encoder)
-    unet = UNet2DConditionModel(
-        unet_config(args.size, text_encoder.config.hidden_size), rngs=nnx.Rngs(args.seed)
-    )
+    model_config = unet_config(args.size, text_encoder.config.hidden_size)
+    if args.init_from:  # a fresh optimizer from these weights (a checkpoint in OUT/ckpt still wins)
+        unet = load_unet(args.init_from)
+        if unet.config != model_config:
+            parser.error(f"--init-from {args.init_from} is not a UNet of --size {args.size}")
+    else:
+        unet = UNet2DConditionModel(model_config, rngs=nnx.Rngs(args.seed))
     print(f"UNet {args.size}: {num_params(unet) / 1e6:.2f}M params; {config}")
     encode = frozen_encoder(vae, text_encoder)
-    batches = unet_batches(encode, load_tokenizer(TOKENIZER_DIR), config.batch_size, args.seed)
+    batches = unet_batches(
+        encode, load_tokenizer(TOKENIZER_DIR), config.batch_size, args.seed, workers=args.workers
+    )
     with open(Path(args.out) / "log.jsonl", "a") as log:
         train(unet, diffusion_loss, batches, config, on_log=functools.partial(log_line, log))
     export(unet, Path(args.out) / "unet")

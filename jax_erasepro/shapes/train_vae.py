@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
+from jax_erasepro.prefetch import prefetched
 from jax_erasepro.shapes.render import make_batch
 from jax_erasepro.shapes.runs import export_component, load_component, log_line, prepare_run, run_parser
 from jax_erasepro.training import TrainConfig, train
@@ -73,13 +74,13 @@ def pixels(images: np.ndarray | jax.Array) -> jax.Array:
     return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
 
 
+def _vae_batch(batch_size: int, seed: int, step: int) -> dict[str, np.ndarray]:
+    return {"images": make_batch(seed * 1_000_000 + step, batch_size, "train")[0]}
+
+
 def vae_batches(batch_size: int, seed: int) -> Callable[[int], dict[str, np.ndarray]]:
-    """step -> a fresh batch of train-split renders (captions unused)."""
-
-    def batch(step: int) -> dict[str, np.ndarray]:
-        return {"images": make_batch(seed * 1_000_000 + step, batch_size, "train")[0]}
-
-    return batch
+    """step -> a fresh batch of train-split renders (captions unused); picklable, for ``prefetched``."""
+    return functools.partial(_vae_batch, batch_size, seed)
 
 
 def sample_latents(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
@@ -211,8 +212,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         loss = functools.partial(vae_loss, edges=args.edge_loss)
     print(f"VAE: {num_params(model) / 1e6:.2f}M params; {config}")
     with open(Path(args.out) / "log.jsonl", "a") as log:
-        train(model, loss, vae_batches(config.batch_size, args.seed), config, wrt=wrt,
-              on_log=functools.partial(log_line, log))
+        batches = prefetched(vae_batches(config.batch_size, args.seed), args.workers)
+        train(model, loss, batches, config, wrt=wrt, on_log=functools.partial(log_line, log))
     if not args.decoder_from:
         model.config = dataclasses.replace(model.config, scaling_factor=latent_scaling_factor(model))
     export(model, Path(args.out) / "vae")

@@ -32,7 +32,7 @@ def trained(tokenizer):
     model = CLIPModel(tc.clip_config("tiny"), rngs=nnx.Rngs(0))
     logs = []
     cfg = TrainConfig(steps=4, batch_size=8, lr=1e-3, log_every=1)
-    batches = tc.clip_batches(tokenizer, 8, 0)
+    batches = tc.ClipBatches(tokenizer, 8, 0)
     train(model, tc.contrastive_loss, batches, cfg, on_log=lambda s, m: logs.append(m))
     assert all(np.isfinite(m["loss"]) and 0 <= m["accuracy"] <= 1 for m in logs)
     return model
@@ -133,14 +133,14 @@ def test_counterfactual_twins_differ_in_one_named_thing():
 
 
 def test_counterfactual_batches(tokenizer):
-    batch = tc.clip_batches(tokenizer, 16, 1, counterfactuals=True)(5)
+    batch = tc.ClipBatches(tokenizer, 16, 1, counterfactuals=True)(5)
     assert batch["images"].shape == (16, 64, 64, 3) and batch["input_ids"].shape == (16, tc.TRAIN_TOKENS)
-    again = tc.clip_batches(tokenizer, 16, 1, counterfactuals=True)(5)
+    again = tc.ClipBatches(tokenizer, 16, 1, counterfactuals=True)(5)
     np.testing.assert_array_equal(batch["images"], again["images"])
 
 
 def test_prompt_supervision_labels_and_loss(tokenizer, trained):
-    batch = tc.clip_batches(tokenizer, 16, 2, counterfactuals=True, prompt_supervision=True)(1)
+    batch = tc.ClipBatches(tokenizer, 16, 2, counterfactuals=True, prompt_supervision=True)(1)
     scenes, _ = tc.make_scenes(2 * 1_000_000 + 1, 8, "train")
     labels = tc.scene_labels(scenes)
     for scene, row in zip(scenes, labels, strict=True):
@@ -160,8 +160,8 @@ def test_prompt_supervision_labels_and_loss(tokenizer, trained):
 
 def test_whole_world_batches_reach_held_out_pairs(tokenizer):
     """From ``whole_world_from`` on, odd steps come from the test split (held-out pairs); before, never."""
-    plain = tc.clip_batches(tokenizer, 64, 1)
-    whole = tc.clip_batches(tokenizer, 64, 1, whole_world_from=10)
+    plain = tc.ClipBatches(tokenizer, 64, 1)
+    whole = tc.ClipBatches(tokenizer, 64, 1, whole_world_from=10)
     np.testing.assert_array_equal(plain(9)["images"], whole(9)["images"])  # before the switch: unchanged
     np.testing.assert_array_equal(plain(12)["images"], whole(12)["images"])  # even steps: the train split
     assert not np.array_equal(plain(11)["images"], whole(11)["images"])
@@ -192,7 +192,7 @@ def test_degrade_blurs_tints_and_noises_about_half(tokenizer):
     assert edges(tc.degrade(images, np.random.default_rng(1), p=1.0)) < edges(images)
     shift = np.abs(out[changed].astype(float).mean((1, 2)) - images[changed].astype(float).mean((1, 2)))
     assert shift.max() < 16
-    plain, augmented = tc.clip_batches(tokenizer, 32, 1), tc.clip_batches(tokenizer, 32, 1, augment=True)
+    plain, augmented = tc.ClipBatches(tokenizer, 32, 1), tc.ClipBatches(tokenizer, 32, 1, augment=True)
     want = tc.degrade(plain(5)["images"], np.random.default_rng((1, 5, 2)))
     np.testing.assert_array_equal(augmented(5)["images"], want)
 

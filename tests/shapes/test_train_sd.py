@@ -52,7 +52,8 @@ def folders(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "size, unet_size, factor", [("small", "small", 8), ("f4", "f4", 4), ("f4w", "f4", 4)]
+    "size, unet_size, factor",
+    [("small", "small", 8), ("f4", "f4", 4), ("f4w", "f4", 4), ("f4w", "f4a", 4)],
 )
 def test_small_models_fit_the_budget(size, unet_size, factor):
     """shapes-sd's VAE and UNet in fp16 take at most the ~28 MB the two CLIPs leave of 60 MB, and the UNet's
@@ -63,6 +64,15 @@ def test_small_models_fit_the_budget(size, unet_size, factor):
     assert 2 ** (len(vae.config.block_out_channels) - 1) == factor
     assert unet.config.sample_size * factor == vae.config.sample_size == 64
     assert unet.config.cross_attention_dim == tc.clip_config("small").text_config.hidden_size
+
+
+def test_init_from_refuses_a_unet_of_another_size(folders, tmp_path):
+    """The tiny test UNet is not an f4 one: the CLI says so instead of training the wrong config."""
+    with pytest.raises(SystemExit):
+        tu.main([
+            "--out", str(tmp_path / "run"), "--vae", str(folders / "vae"), "--size", "f4",
+            "--text-encoder", str(folders / "clip"), "--init-from", str(folders / "unet"),
+        ])
 
 
 def test_scaling_factor_gives_unit_variance_latents(folders):
