@@ -376,10 +376,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     for encoder in (model.text_model.encoder, model.vision_model.encoder):
         encoder.unroll = encoder.layers.layer_norm1.scale.shape[0]
     print(f"CLIP {args.size}: {num_params(model) / 1e6:.2f}M params; {config}")
-    batches = prefetched(ClipBatches(
+    batches = ClipBatches(
         tokenizer, config.batch_size, args.seed, args.counterfactuals, args.prompt_supervision,
         args.whole_world_from, args.augment,
-    ), args.workers)
+    )
+    batches = prefetched(batches, args.workers)
     with open(Path(args.out) / "log.jsonl", "a") as log:
         train(model, contrastive_loss, batches, config, on_log=functools.partial(log_line, log))
     export(model, args.out)
