@@ -9,6 +9,7 @@ of workers (0 computes them in the calling thread).
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -20,6 +21,8 @@ _FN: Callable[[int], Any] | None = None  # the worker process's fn, set once by 
 def _init(fn: Callable[[int], Any]) -> None:
     global _FN
     _FN = fn
+    if "jax" in sys.modules:  # workers are host-side: keep a stray jnp call off the parent's accelerator
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 def _call(i: int) -> Any:
