@@ -40,7 +40,7 @@ class Prefetched:
     def __init__(self, fn: Callable[[int], Any], workers: int, ahead: int | None = None):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self.fn, self.ahead = fn, ahead or 2 * workers
+        self.ahead = ahead or 2 * workers
         # spawn, not fork: the parent runs JAX's threads, which a forked child would inherit mid-state
         self._pool = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(fn,)

@@ -114,7 +114,7 @@ def frozen_encoder(
 
 class TrainBlocks:
     """block index -> (uint8 renders, token ids) of ``size`` train scenes, ``P_UNCOND`` of the captions set
-    to "". A picklable callable, so ``prefetch`` workers can render blocks ahead."""
+    to "". A picklable callable, so ``prefetched`` workers can render blocks ahead."""
 
     def __init__(self, tokenizer: CLIPTokenizer, size: int, seed: int):
         self.tokenizer, self.size, self.seed = tokenizer, size, seed
