@@ -33,7 +33,7 @@ from jax_erasepro.pipeline import SDConfig, StableDiffusion
 from jax_erasepro.schedulers import SchedulerConfig
 from jax_erasepro.tiny import SD_SCHEDULER, clip_tokenizer_path
 from jax_erasepro.tokenizer import load_tokenizer
-from jax_erasepro.weights import to_state_dict
+from jax_erasepro.weights import iter_state_dict, to_state_dict
 
 CONFIGS = Path(__file__).parents[1] / "jax_erasepro" / "assets" / "sd-v1-4-configs"
 WORDS_A = ["red", "blue", "old", "tiny", "wild", "green", "dark", "calm", "bold", "pale"]
@@ -145,8 +145,11 @@ def torch_erasepro(model: TorchCLIP, kv: list[torch.Tensor], cols) -> tuple[floa
 
 
 def save_edits(sd: StableDiffusion, edited: list[str], path: Path) -> None:
-    """The edited tensors (diffusers keys) as one safetensors delta: what an erasure has to write."""
-    state = {f"text_encoder.{k}": v for k, v in to_state_dict(sd.text_encoder).items()}
+    """The edited tensors (diffusers keys) as one safetensors delta: what an erasure has to write. Only
+    those tensors are converted to PyTorch layout."""
+    prefix = "text_encoder."
+    wanted = {k[len(prefix) :] for k in edited if k.startswith(prefix)}
+    state = {prefix + k: v for k, v in iter_state_dict(sd.text_encoder, keys=wanted)}
     state.update(
         {b.keys[i]: np.asarray(k).T for b in unet_cross_attention(sd.unet) for i, k in enumerate(b.kernels)}
     )

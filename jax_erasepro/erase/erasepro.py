@@ -93,7 +93,7 @@ def _edit_operator(
 
 
 def _apply(
-    w_o: jax.Array,
+    k_o: jax.Array,
     op: jax.Array,
     x: jax.Array,
     y: jax.Array,
@@ -102,24 +102,30 @@ def _apply(
     kind: jax.Array,
     feature_distance: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The (B, d_out, d_in) weights ``w_o`` edited by ``_edit_operator``'s operator, with metrics for the
-    report; residuals are those of the stored W: ||W x_j - W_o y_j|| over ||W_o y_j||."""
-    before = w_o @ (x - y)  # (B, d_out, K): W_o x - W_o y, the residuals before the edit
-    w = w_o - before @ op if _factored(x) else w_o + w_o @ op
-    delta = w - w_o
-    residual_sq = jnp.sum((delta @ x + before) ** 2, -2)  # (B, K)
-    target_sq = jnp.sum((w_o @ y) ** 2, -2)
-    n_cand, k = kind.shape[0], x.shape[1]
-    groups = jnp.concatenate([kind, jnp.full(k - n_cand, REST, kind.dtype)])
+    """The (B, d_in, d_out) Flax kernels ``k_o`` (W_o^T) edited by ``_edit_operator``'s operator, with
+    metrics for the report; residuals are those of the stored W: ||W x_j - W_o y_j|| over ||W_o y_j||.
+
+    Everything stays in kernel layout (products with transposed operands are GEMM flags, not copies), so
+    no weight is ever transposed in memory."""
+    before = jnp.einsum("dk,bde->bke", x - y, k_o)  # (B, K, d_out): (W_o x - W_o y)^T, before the edit
+    if _factored(x):  # K^T = K_o^T - op^T before^T  <=>  W = W_o - before op
+        k = k_o - jnp.einsum("kd,bke->bde", op, before)
+    else:  # W = W_o + W_o G  <=>  K = K_o + G^T K_o
+        k = k_o + jnp.einsum("cd,bce->bde", op, k_o)
+    delta = k - k_o
+    residual_sq = jnp.sum((jnp.einsum("dk,bde->bke", x, delta) + before) ** 2, -1)  # (B, K)
+    target_sq = jnp.sum(jnp.einsum("dk,bde->bke", y, k_o) ** 2, -1)
+    n_cand, n_cols = kind.shape[0], x.shape[1]
+    groups = jnp.concatenate([kind, jnp.full(n_cols - n_cand, REST, kind.dtype)])
 
     def rel(num: jax.Array, mask: jax.Array) -> jax.Array:
         den = jnp.sum(jnp.where(mask, target_sq, 0), -1)
         return jnp.sqrt(jnp.sum(jnp.where(mask, num, 0), -1) / jnp.maximum(den, jnp.finfo(den.dtype).tiny))
 
-    everything = jnp.ones(k, bool)
-    change_sq, base_sq = jnp.sum(delta**2, (-2, -1)), jnp.sum(w_o**2, (-2, -1))
+    everything = jnp.ones(n_cols, bool)
+    change_sq, base_sq = jnp.sum(delta**2, (-2, -1)), jnp.sum(k_o**2, (-2, -1))
     metrics = {
-        "residual_before": rel(jnp.sum(before**2, -2), everything),
+        "residual_before": rel(jnp.sum(before**2, -1), everything),
         "residual_after": rel(residual_sq, everything),
         "residual_hard": rel(residual_sq, hard),
         "residual_soft": rel(residual_sq, ~hard),
@@ -128,9 +134,9 @@ def _apply(
         "n_hard": jnp.sum(hard),
         "rank": rank,
         "feature_distance": feature_distance,
-        "finite": jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(w)),
+        "finite": jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(k)),
     }
-    return w, metrics
+    return k, metrics
 
 
 def _columns(hx: jax.Array, hy: jax.Array, cols: dict[str, jax.Array], n_cand: int) -> tuple:
@@ -184,13 +190,12 @@ def _progressive(
         layer = nnx.merge(layer_def, layer_params)
         x, y, dist = _columns(layer.attn_input(h), layer.attn_input(hy), cols, n_cand)
         projs = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
-        w_o = jnp.stack([p.kernel[...].T for p in projs])
+        k_o = jnp.stack([p.kernel[...] for p in projs])
         op, hard, rank = _edit_operator(x, y, requested & ~(first & first_soft), rcond)
-        w, metrics = _apply(w_o, op, x, y, hard, rank, kind, dist)
-        for p, wi in zip(projs, w, strict=True):
-            p.kernel.value = wi.T
-        # W stays in (d_out, d_in) layout: a transposed scan output is copied whole at every layer
-        return layer(h), (w, metrics)
+        k, metrics = _apply(k_o, op, x, y, hard, rank, kind, dist)
+        for p, ki in zip(projs, k, strict=True):
+            p.kernel.value = ki
+        return layer(h), (tuple(k), metrics)  # one stacked output per projection: no strided slicing
 
     qkv, text_metrics = None, {}
     n_tail = y_states.shape[0] - 1 - start
@@ -207,8 +212,8 @@ def _progressive(
         x, y, dist = _columns(te.final_layer_norm(h), y_last, cols, n_cand)  # shared by every bucket
         op, hard, rank = _edit_operator(x, y, requested, rcond)  # so is the edit operator
         for kernels in unet_weights:  # one bucket: (n, d_in, d_out) kernels of the same shape
-            w, metrics = _apply(jnp.swapaxes(kernels, -1, -2), op, x, y, hard, rank, kind, dist)
-            new_unet.append(jnp.swapaxes(w, -1, -2))
+            k, metrics = _apply(kernels, op, x, y, hard, rank, kind, dist)
+            new_unet.append(k)
             unet_metrics.append(metrics)
     return qkv, tuple(new_unet), text_metrics, unet_metrics
 
@@ -369,19 +374,22 @@ def erase_erasepro(
     return sd.replace(text_encoder=text_encoder, unet=unet), report
 
 
-def _replace_qkv(text_encoder: nnx.Module, start: int, qkv: jax.Array) -> tuple[nnx.Module, list[str]]:
-    """A new text encoder whose stacked q/k/v kernels of layers [start, L) are ``qkv`` (L - start, 3, ...),
-    given as (d_out, d_in) weights."""
+def _replace_qkv(
+    text_encoder: nnx.Module, start: int, qkv: Sequence[jax.Array]
+) -> tuple[nnx.Module, list[str]]:
+    """A new text encoder whose stacked q/k/v kernels of layers [start, L) are ``qkv``: three (L - start,
+    d_in, d_out) stacks."""
     graphdef, state = nnx.split(text_encoder)
     flat = dict(nnx.to_flat_state(state))
     keys = []
     for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
         path = ("encoder", "layers", "self_attn", name, "kernel")
         var = flat[path]
-        flat[path] = var.replace(jnp.asarray(var[...]).at[start:].set(jnp.swapaxes(qkv[:, j], -1, -2)))
+        old = jnp.asarray(var[...])
+        flat[path] = var.replace(qkv[j] if start == 0 else jnp.concatenate([old[:start], qkv[j]]))
         keys += [
             f"text_encoder.encoder.layers.{i}.self_attn.{name}.weight"
-            for i in range(start, start + qkv.shape[0])
+            for i in range(start, start + qkv[j].shape[0])
         ]
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), keys
 
