@@ -23,7 +23,7 @@ from jax_erasepro.models.clip import CLIPConfig, CLIPTextModel
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jax_erasepro.models.vae import AutoencoderKL
 from jax_erasepro.prefetch import prefetched
-from jax_erasepro.schedulers import SchedulerConfig, add_noise
+from jax_erasepro.schedulers import SchedulerConfig, add_noise, alphas_cumprod
 from jax_erasepro.shapes.render import make_batch
 from jax_erasepro.shapes.runs import export_component, load_component, log_line, prepare_run, run_parser
 from jax_erasepro.shapes.train_clip import TOKENIZER_DIR
@@ -165,16 +165,30 @@ def unet_batches(
     return batch
 
 
+def snr_weights(t: jax.Array, gamma: float) -> jax.Array:
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023; diffusers' ``--snr_gamma``):
+    min(SNR(t), gamma) / SNR(t), SNR = alpha_bar / (1 - alpha_bar). Low-noise steps, whose fine detail
+    dominates the plain loss, are weighted down; steps with SNR <= gamma keep weight 1."""
+    ac = jnp.asarray(alphas_cumprod(SCHEDULER))[t]
+    snr = ac / (1 - ac)
+    return jnp.minimum(snr, gamma) / snr
+
+
 def diffusion_loss(
-    unet: UNet2DConditionModel, batch: dict[str, jax.Array], key: jax.Array
+    unet: UNet2DConditionModel,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    snr_gamma: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """SD's objective: MSE between the true and predicted noise at uniformly drawn training timesteps."""
+    """SD's objective: MSE between the true and predicted noise at uniformly drawn training timesteps,
+    each example's error weighted by ``snr_weights`` when ``snr_gamma`` is given."""
     x0, context = batch["latents"], batch["context"]
     t_key, n_key = jax.random.split(key)
     t = jax.random.randint(t_key, (x0.shape[0],), 0, SCHEDULER.num_train_timesteps)
     noise = jax.random.normal(n_key, x0.shape, x0.dtype)
     eps = unet(add_noise(SCHEDULER, x0, noise, t), t, context)
-    loss = jnp.mean(jnp.square(eps - noise))
+    err = jnp.mean(jnp.square(eps - noise), axis=tuple(range(1, x0.ndim)))
+    loss = jnp.mean(err if snr_gamma is None else snr_weights(t, snr_gamma) * err)
     return loss, {"latent_std": jnp.std(x0)}
 
 
@@ -194,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vae", required=True, help="the trained VAE's folder (train_vae's OUT/vae)")
     parser.add_argument("--text-encoder", required=True, help="the exported shapes CLIP (train_clip's OUT)")
     parser.add_argument("--init-from", help="start from this exported unet/ folder instead of random weights")
+    parser.add_argument(
+        "--snr-gamma", type=float,
+        help="weight the loss by min(SNR, gamma) / SNR (min-SNR, e.g. 5; default: the plain MSE)",
+    )
     args = parser.parse_args(argv)
     use_training_flags()  # before JAX starts its backend: see xla_flags
     config = prepare_run(parser, args, train_config(args.out, args.steps, args.seed))
@@ -211,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         encode, load_tokenizer(TOKENIZER_DIR), config.batch_size, args.seed, workers=args.workers
     )
     with open(Path(args.out) / "log.jsonl", "a") as log:
-        train(unet, diffusion_loss, batches, config, on_log=functools.partial(log_line, log))
+        loss = functools.partial(diffusion_loss, snr_gamma=args.snr_gamma)
+        train(unet, loss, batches, config, on_log=functools.partial(log_line, log))
     export(unet, Path(args.out) / "unet")
 
 
