@@ -4,7 +4,8 @@ through of it, ``vae_ceiling``).
 The judge is a CLIP trained apart from shapes-sd's text encoder (other seed, other data order). It labels
 a generated 64 px image zero-shot by shape, colour, painter or character; two-object images are judged one
 half at a time, the other half painted over with the background colour, so each half is a one-object scene
-like those the judge was measured on.
+like those the judge was measured on. A rate only counts prompts that name what it checks: a caption may say
+"a red shape" (world.P_GENERIC_NOUN), and then no shape can be asked of its image.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from jax_erasepro.weights import abstract_model, load_state_dict
 # The halves keep_half knows; a two-object scene's objects sit in opposite ones, named by their position
 # word (pairs are left/right or top/bottom, see world.PAIR_POSITIONS).
 HALVES = ("left", "right", "top", "bottom")
+PAIRS = (("left", "right"), ("top", "bottom"))  # the two ways to split an image into opposite halves
 
 
 def judge_path() -> Path:
@@ -102,6 +104,7 @@ class Probe:
     kind: str  # "one_object", "style", "character" or "two_objects"
     scene: Scene
     says_colour: bool = False
+    says_shape: bool = True  # the caption names every object's shape (not "a red shape")
 
 
 QUALITY_BAR_KINDS = ("one_object", "style", "character", "two_objects")
@@ -122,8 +125,11 @@ def quality_probes(n_per_kind: int, seed: int = 0) -> list[Probe]:
             if kind is None or want[kind] == 0:
                 continue
             want[kind] -= 1
-            says = kind == "one_object" and scene.objects[0].colour in text.split()
-            probes.append(Probe(text, kind, scene, says))
+            words = text.split()
+            says = kind == "one_object" and scene.objects[0].colour in words
+            shapes = [o.shape for o in scene.objects]
+            named = all(words.count(shape) >= shapes.count(shape) for shape in shapes)
+            probes.append(Probe(text, kind, scene, says, named))
     return probes
 
 
@@ -139,7 +145,12 @@ def _kind(scene: Scene) -> str | None:
 
 
 def score(judge: Judge, probes: Sequence[Probe], images: np.ndarray) -> dict[str, float]:
-    """The quality bar's rates over generated ``images`` (one per probe), each in [0, 1]."""
+    """The quality bar's rates over generated ``images`` (one per probe), each in [0, 1].
+
+    Shape rates count only prompts that name the shapes. ``two_objects_both`` is the bar's "both objects
+    present": the two halves of one axis (left | right or top | bottom) hold the two named shapes, in either
+    order, so a prompt that gives no positions is not failed for its layout. ``two_objects_placed`` (not in
+    the bar) also asks for each object in the half its scene puts it in."""
     by_kind: dict[str, list[int]] = {}
     for i, p in enumerate(probes):
         by_kind.setdefault(p.kind, []).append(i)
@@ -149,22 +160,24 @@ def score(judge: Judge, probes: Sequence[Probe], images: np.ndarray) -> dict[str
         got = judge.classify(images[idx], attribute)
         return float(np.mean([g == t for g, t in zip(got, truth, strict=True)]))
 
-    if idx := by_kind.get("one_object"):
+    if idx := [i for i in by_kind.get("one_object", []) if probes[i].says_shape]:
         out["one_object_shape"] = rate(idx, "shape", [probes[i].scene.objects[0].shape for i in idx])
-        said = [i for i in idx if probes[i].says_colour]
-        if said:
-            out["one_object_colour"] = rate(said, "colour", [probes[i].scene.objects[0].colour for i in said])
+    if said := [i for i in by_kind.get("one_object", []) if probes[i].says_colour]:
+        out["one_object_colour"] = rate(said, "colour", [probes[i].scene.objects[0].colour for i in said])
     if idx := by_kind.get("style"):
         out["style"] = rate(idx, "style", [probes[i].scene.style for i in idx])
     if idx := by_kind.get("character"):
         out["character"] = rate(idx, "character", [probes[i].scene.objects[0].character for i in idx])
-    if idx := by_kind.get("two_objects"):
-        both = np.ones(len(idx), bool)
-        for k in range(2):
-            halves = [probes[i].scene.objects[k].position for i in idx]
-            got = judge.classify_half(images[idx], halves, "shape")
-            both &= np.array([g == probes[i].scene.objects[k].shape for g, i in zip(got, idx, strict=True)])
-        out["two_objects_both"] = float(both.mean())
+    if idx := [i for i in by_kind.get("two_objects", []) if probes[i].says_shape]:
+        half = {h: judge.classify_half(images[idx], [h] * len(idx), "shape") for h in HALVES}
+        present, placed = [], []
+        for j, i in enumerate(idx):
+            objs = probes[i].scene.objects
+            want = sorted(o.shape for o in objs)
+            present.append(any(sorted((half[a][j], half[b][j])) == want for a, b in PAIRS))
+            placed.append(all(half[o.position][j] == o.shape for o in objs))
+        out["two_objects_both"] = float(np.mean(present))
+        out["two_objects_placed"] = float(np.mean(placed))
     return out
 
 

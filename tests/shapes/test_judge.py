@@ -1,6 +1,7 @@
 """The judge's plumbing (probes, halves, scoring) with an oracle, and the shipped judge and shapes-sd."""
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -28,6 +29,15 @@ def test_probes_cover_each_part_of_the_bar_from_the_test_split():
             assert (p.kind == "style") == bool(p.scene.style)
         if p.says_colour:
             assert objs[0].colour in p.prompt
+        if p.says_shape:
+            assert all(o.shape in p.prompt.split() for o in objs)
+
+
+def test_probes_know_when_a_caption_does_not_name_the_shape():
+    """Captions sometimes say "shape" for the object (world.P_GENERIC_NOUN): such probes are marked."""
+    probes = jd.quality_probes(50, seed=0)
+    unnamed = [p for p in probes if not p.says_shape and p.kind in ("one_object", "two_objects")]
+    assert unnamed and all("shape" in p.prompt.split() for p in unnamed)
 
 
 def test_keep_half_paints_the_rest_with_the_background():
@@ -65,11 +75,48 @@ def test_score_is_perfect_on_the_probes_own_renders():
     probes = jd.quality_probes(6)
     images = np.stack([render(p.scene) for p in probes])
     scores = jd.score(Oracle([p.scene for p in probes]), probes, images)
-    assert scores == dict.fromkeys(jd.QUALITY_BAR, 1.0)
+    assert scores == dict.fromkeys([*jd.QUALITY_BAR, "two_objects_placed"], 1.0)
     assert jd.meets_bar(scores) and not jd.meets_bar(scores | {"style": 0.5})
     # a wrong picture is caught: shuffled images
     shuffled = jd.score(Oracle([p.scene for p in probes]), probes, images[::-1])
     assert min(shuffled.values()) < 1.0
+
+
+def _swapped(scene: Scene) -> Scene:
+    a, b = scene.objects
+    swap = lambda o, p: dataclasses.replace(o, position=p.position, center=p.center)  # noqa: E731
+    return dataclasses.replace(scene, objects=(swap(a, b), swap(b, a)))
+
+
+def test_two_objects_in_swapped_halves_are_present_but_not_placed():
+    """The bar asks for both objects; where they sit is reported apart (captions may not say)."""
+    probes = [p for p in jd.quality_probes(8, seed=1) if p.kind == "two_objects" and p.says_shape]
+    swapped = [_swapped(p.scene) for p in probes]
+    images = np.stack([render(s) for s in swapped])
+    scores = jd.score(Oracle(swapped), probes, images)
+    assert scores["two_objects_both"] == 1.0
+    same = [a.shape == b.shape for a, b in (p.scene.objects for p in probes)]
+    assert scores["two_objects_placed"] == np.mean(same)
+    # one object drawn twice is not both objects
+    twice = [dataclasses.replace(p.scene, objects=(p.scene.objects[0], dataclasses.replace(
+        p.scene.objects[1], shape=p.scene.objects[0].shape))) for p in probes]
+    scores = jd.score(Oracle(twice), probes, np.stack([render(s) for s in twice]))
+    assert scores["two_objects_both"] == np.mean(same) and not all(same)
+
+
+def test_unnamed_shapes_are_not_scored():
+    """A probe whose caption says "shape" leaves the shape rates whatever its image shows."""
+    probes = [p for p in jd.quality_probes(50, seed=0) if p.kind in ("one_object", "two_objects")]
+    assert not all(p.says_shape for p in probes)
+    images = np.stack([render(p.scene) for p in probes])
+    wrong = images.copy()
+    for i, p in enumerate(probes):
+        if not p.says_shape:
+            wrong[i] = 0  # nothing the oracle knows
+    oracle = Oracle([p.scene for p in probes])
+    keys = ("one_object_shape", "two_objects_both", "two_objects_placed")
+    right, spoiled = jd.score(oracle, probes, images), jd.score(oracle, probes, wrong)
+    assert all(right[k] == spoiled[k] == 1.0 for k in keys)
 
 
 def test_vae_ceiling_scores_renders_and_reconstructions_apart():
