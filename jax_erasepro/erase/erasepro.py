@@ -70,7 +70,12 @@ def _factored(x: jax.Array) -> bool:
 
 
 def _edit_operator(
-    x: jax.Array, y: jax.Array, requested: jax.Array, rcond: float
+    x: jax.Array,
+    y: jax.Array,
+    requested: jax.Array,
+    rcond: float,
+    core: jax.Array | None = None,
+    n_core: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The ErasePro edit of EVERY W_o reading these columns, as one operator: ``_apply`` makes W from it.
 
@@ -78,8 +83,9 @@ def _edit_operator(
     D = W_o (Y - X) P, with P (K, d_in) (hard columns admitted, rank cutoff, soft fit) depending on X
     alone. With K < d_in the operator is P itself (the solve with targets I_K); otherwise it is
     G = (Y - X) P (d_in, d_in; the solve with W_o = 0 and targets Y - X), whichever is smaller. One
-    factorisation then serves q/k/v, or every U-Net bucket. Returns the operator, the hard mask (K,) and
-    the rank held.
+    factorisation then serves q/k/v, or every U-Net bucket. When the requested columns are rank-deficient
+    only ``core`` (not padding) may be hard (``constrained_solve``). Returns the operator, the hard mask
+    (K,) and the rank held.
     """
     d, k = x.shape
     n_cand = requested.shape[0]
@@ -88,7 +94,9 @@ def _edit_operator(
         zero, t = jnp.zeros((k, d), x.dtype), jnp.eye(k, dtype=x.dtype)
     else:
         zero, t = jnp.zeros((d, d), x.dtype), y - x
-    op, rep = constrained_solve(zero, x, t, hard=hard, rcond=rcond, candidates=n_cand)
+    op, rep = constrained_solve(
+        zero, x, t, hard=hard, rcond=rcond, candidates=n_cand, core=core, n_core=n_core
+    )
     return op, rep.hard, rep.rank
 
 
@@ -157,7 +165,8 @@ def _anchor_states(params: nnx.State, ids: jax.Array, *, graphdef: nnx.GraphDef)
 
 
 @partial(
-    jax.jit, static_argnames=("graphdef", "start", "n_cand", "rcond", "edit_text", "edit_unet", "unroll")
+    jax.jit,
+    static_argnames=("graphdef", "start", "n_cand", "n_core", "rcond", "edit_text", "edit_unet", "unroll"),
 )
 def _progressive(
     params: nnx.State,
@@ -170,6 +179,7 @@ def _progressive(
     graphdef: nnx.GraphDef,
     start: int,
     n_cand: int,
+    n_core: int,
     rcond: float,
     edit_text: bool,
     edit_unet: bool,
@@ -182,6 +192,7 @@ def _progressive(
     head = jax.tree.map(lambda a: a[:start], stacked)
     h, _ = jax.lax.scan(lambda h, p: (nnx.merge(layer_def, p)(h), None), h, head)
     kind, requested = cols["kind"][:n_cand], cols["requested"][:n_cand]
+    core = kind != PADDING  # what stays hard when the rank runs out (n_core bounds its count)
     # layer 0 sees (token, position) only: target columns sharing one with a preserved column yield there
     first_soft = cols["embedding_conflict"][:n_cand] & (start == 0)
 
@@ -191,7 +202,7 @@ def _progressive(
         x, y, dist = _columns(layer.attn_input(h), layer.attn_input(hy), cols, n_cand)
         projs = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
         k_o = jnp.stack([p.kernel[...] for p in projs])
-        op, hard, rank = _edit_operator(x, y, requested & ~(first & first_soft), rcond)
+        op, hard, rank = _edit_operator(x, y, requested & ~(first & first_soft), rcond, core, n_core)
         k, metrics = _apply(k_o, op, x, y, hard, rank, kind, dist)
         for p, ki in zip(projs, k, strict=True):
             p.kernel.value = ki
@@ -210,7 +221,7 @@ def _progressive(
     new_unet, unet_metrics = [], []
     if edit_unet:
         x, y, dist = _columns(te.final_layer_norm(h), y_last, cols, n_cand)  # shared by every bucket
-        op, hard, rank = _edit_operator(x, y, requested, rcond)  # so is the edit operator
+        op, hard, rank = _edit_operator(x, y, requested, rcond, core, n_core)  # so is the edit operator
         for kernels in unet_weights:  # one bucket: (n, d_in, d_out) kernels of the same shape
             k, metrics = _apply(kernels, op, x, y, hard, rank, kind, dist)
             new_unet.append(k)
@@ -276,6 +287,7 @@ def erase_erasepro(
     # Shapes are padded to buckets (masked columns, zero rows) so erasures of similar size share a program.
     n_pad = _round_up(cols.n, COLUMN_BUCKET)
     n_cand = min(n_pad, d_text)
+    n_core = min(n_cand, max(1, _round_up(int(np.sum(cols.kind[:n_hard] != PADDING)), COLUMN_BUCKET)))
     graphdef, params = nnx.split(sd.text_encoder)
     buckets = unet_cross_attention(sd.unet)
     unet_weights = tuple(b.stack() for b in buckets)
@@ -300,6 +312,7 @@ def erase_erasepro(
     statics = dict(
         start=start_layer - 1,
         n_cand=n_cand,
+        n_core=n_core,
         rcond=rcond,
         edit_text=edit_text,
         edit_unet=edit_unet,

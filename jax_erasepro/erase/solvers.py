@@ -127,9 +127,11 @@ def _sigma_max(c: Array, iterations: int = 64) -> Array:
     return jnp.linalg.norm(c @ v)
 
 
-def _select_hard(c: Array, requested: Array, rcond: Array) -> tuple[Array, Array, Array, Array]:
-    """``_select_hard_greedy``'s result and its cutoff ``tol = rcond * sigma_max(c)``, by one Householder QR
-    when every requested column is admitted.
+def _select_hard(
+    c: Array, requested: Array, rcond: Array, core: Array | None = None, n_core: int | None = None
+) -> tuple[Array, Array, Array, Array]:
+    """The hard columns of ``c``, their Q (d, K) and R^-1 (K, K) (zeros elsewhere), and the cutoff
+    ``tol = rcond * sigma_max(c)``, by one Householder QR in the common cases.
 
     Greedy admission keeps requested columns in order while ||R^-1||_F <= 1 / tol over those kept; the R^-1
     of a prefix is the leading block of the whole R^-1, so that norm only grows along the sequence and when
@@ -137,27 +139,49 @@ def _select_hard(c: Array, requested: Array, rcond: Array) -> tuple[Array, Array
     costs one QR of the columns, requested ones first (whose leading block of R is their own R), instead of
     K sequential steps; R also gives sigma_max(c). Q R differs from Gram-Schmidt's by column signs only,
     which C_h^+ = R^-1 Q^T and the projector Q Q^T do not see.
+    When the requested set fails and ``core`` (K,) marks a subset (the columns that matter most: concept
+    tokens, EOS, preserved ones; not padding), only the requested core may be hard: all of it when its
+    leading block passes (free from the same R), otherwise greedily among the first ``n_core`` (static)
+    columns of that order, which must hold every requested core column. Default: the core is the whole
+    requested set (plain greedy admission).
     """
     d, k = c.shape
     if k > d:
         tol = rcond * _sigma_max(c)
-        return (*_select_hard_greedy(c, requested, tol), tol)
-    perm = jnp.argsort(~requested, stable=True)  # requested columns first, in their order
+        want = requested if core is None else requested & core
+        return (*_select_hard_greedy(c, want, tol), tol)
+    core = requested if core is None else requested & core
+    perm = jnp.argsort(jnp.where(core, 0, jnp.where(requested, 1, 2)), stable=True)  # core, rest, others
     lead = jnp.arange(k) < jnp.sum(requested)
-    q, r = jnp.linalg.qr(c[:, perm])
+    lead_core = jnp.arange(k) < jnp.sum(core)
+    c_perm = c[:, perm]
+    q, r = jnp.linalg.qr(c_perm)
     s_max = jnp.linalg.svd(r, compute_uv=False)[0] if k <= EXACT_SVD_MAX else _sigma_max(r)
     tol = rcond * s_max
     block = lead[:, None] & lead[None, :]
+    block_core = lead_core[:, None] & lead_core[None, :]
     r = jnp.where(block, r, jnp.eye(k, dtype=c.dtype))  # the requested block; identity elsewhere
     r_inv = jnp.where(block, jax.scipy.linalg.solve_triangular(r, jnp.eye(k, dtype=c.dtype), lower=False), 0)
-    fro2 = jnp.sum(r_inv**2)
-    ok = jnp.all(jnp.diagonal(r) != 0) & jnp.isfinite(fro2) & (fro2 * tol**2 <= 1)
+    diag_ok = jnp.diagonal(r) != 0
+
+    def passes(mask: Array, sub: Array) -> Array:
+        fro2 = jnp.sum(jnp.where(sub, r_inv, 0) ** 2)  # a leading block of R^-1 is its own block's inverse
+        return jnp.all(diag_ok | ~mask) & jnp.isfinite(fro2) & (fro2 * tol**2 <= 1)
+
     back = jnp.argsort(perm)
 
-    def fast(_: None) -> tuple[Array, Array, Array]:
-        return requested, jnp.where(lead, q, 0)[:, back], r_inv[back][:, back]
+    def held(mask: Array, sub: Array) -> Callable[[None], tuple[Array, Array, Array]]:
+        return lambda _: (mask[back], jnp.where(mask, q, 0)[:, back], jnp.where(sub, r_inv, 0)[back][:, back])
 
-    return (*jax.lax.cond(ok, fast, lambda _: _select_hard_greedy(c, requested, tol), None), tol)
+    def greedy(_: None) -> tuple[Array, Array, Array]:
+        m = k if n_core is None else min(n_core, k)
+        kept, q_g, r_inv_g = _select_hard_greedy(c_perm[:, :m], lead_core[:m], tol)
+        kept = jnp.pad(kept, (0, k - m))
+        q_g, r_inv_g = jnp.pad(q_g, ((0, 0), (0, k - m))), jnp.pad(r_inv_g, ((0, k - m), (0, k - m)))
+        return kept[back], q_g[:, back], r_inv_g[back][:, back]
+
+    branch = jnp.where(passes(lead, block), 0, jnp.where(passes(lead_core, block_core), 1, 2))
+    return (*jax.lax.switch(branch, [held(lead, block), held(lead_core, block_core), greedy], None), tol)
 
 
 def _select_hard_greedy(
@@ -217,7 +241,7 @@ def _select_hard_greedy(
     return kept[:k], q[:, :k], r_inv[:k, :k]
 
 
-@partial(jax.jit, static_argnames=("precision", "candidates"))
+@partial(jax.jit, static_argnames=("precision", "candidates", "n_core"))
 def _constrained(
     w_o: Array,
     c: Array,
@@ -228,6 +252,8 @@ def _constrained(
     rcond: Array,
     precision: Precision,
     candidates: int | None = None,
+    core: Array | None = None,
+    n_core: int | None = None,
 ) -> tuple[Array, SolveReport]:
     dtype = _compute_dtype(precision)
     w0, c, t = w_o.astype(dtype), c.astype(dtype), t.astype(dtype)
@@ -235,7 +261,8 @@ def _constrained(
     n_c = k if candidates is None else candidates  # only the first n_c columns can be hard
     order = jnp.argsort(priority[:n_c], descending=True, stable=True)
     c_sorted = c[:, order]
-    kept, q, r_inv, tol = _select_hard(c_sorted, hard[:n_c][order], rcond)
+    core_sorted = None if core is None else core[:n_c][order]
+    kept, q, r_inv, tol = _select_hard(c_sorted, hard[:n_c][order], rcond, core_sorted, n_core)
     hard = jnp.zeros(k, bool).at[order].set(kept)
     resid = t - w0 @ c  # (..., d_out, K): what the edit D = W - W_o must add on each column
     # Hard part: D_h = R_h C_h^+ = R_h R^-1 Q^T (sorted order), the minimal-norm D with D C_h = R_h.
@@ -304,6 +331,8 @@ def constrained_solve(
     precision: Precision = "float32",
     strict: bool = False,
     candidates: int | None = None,
+    core: Array | None = None,
+    n_core: int | None = None,
 ) -> tuple[Array, SolveReport]:
     """Minimal ||W - W_o||_F with W c_k = t_k exactly on hard columns and least squares on the others.
 
@@ -316,6 +345,10 @@ def constrained_solve(
     ``precision="float64"`` needs ``jax.enable_x64``; W is returned in ``w_o``'s dtype.
     ``candidates`` (static) lets only the first that many columns be hard, with sigma_max taken over them:
     the admission costs O(d K^2), so callers with many soft columns bound it this way.
+    ``core`` (K,) bool: when the requested set is rank-deficient, only its core may be hard (all of it
+    when well conditioned, else greedily among at most ``n_core`` (static) columns of the core, which come
+    first in priority order); the rest is fitted in least squares. Sequential greedy admission over many
+    nearly collinear columns (CLIP's padding) is what it spares. Default: the whole requested set.
     """
     _check_shapes(w_o, c, t)
     _compute_dtype(precision)
@@ -325,7 +358,10 @@ def constrained_solve(
     preserved = jnp.zeros(k, bool) if preserved is None else jnp.asarray(preserved, bool)
     if candidates is not None and not 1 <= candidates <= k:
         raise ValueError(f"candidates must be in [1, {k}], got {candidates}")
-    w, report = _constrained(w_o, c, t, requested, priority, preserved, rcond, precision, candidates)
+    core = None if core is None else jnp.asarray(core, bool)
+    w, report = _constrained(
+        w_o, c, t, requested, priority, preserved, rcond, precision, candidates, core, n_core
+    )
     if strict:
         _check_rank(requested, report, rcond)
     return w, report
