@@ -1,6 +1,6 @@
 """Load and save times of SD v1.4 (real configs, random weights), fp32 and fp16, against the I/O floor.
 
-    python benchmarks/io.py [--tmp /tmp] [--repeats 2]
+    python benchmarks/io.py [--tmp /tmp] [--repeats 2] [--dtypes float32 float16] [--out FILE]
 
 The floor is reading the same three safetensors files with ``safetensors.numpy.load_file`` alone. Each
 measurement runs in its own subprocess (so memory is returned between them); times are the best of
@@ -118,6 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tmp", default=tempfile.gettempdir())
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "io.json")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
@@ -131,7 +133,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     rows = {}
-    for dtype in ("float32", "float16"):
+    for dtype in args.dtypes:
         work = Path(tempfile.mkdtemp(prefix="io-bench-", dir=args.tmp))
         src, out = str(work / "src"), str(work / "out")
         try:
@@ -158,9 +160,8 @@ def main() -> None:
             f"{r['ours_save_s']:10.2f} "
             f"{r['diffusers_save_s']:14.2f}"
         )
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "io.json").write_text(json.dumps(rows, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

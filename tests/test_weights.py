@@ -63,6 +63,30 @@ def test_strict_errors_name_the_key(mutate, msg):
         load_state_dict(nnx.eval_shape(lambda: _Toy(nnx.Rngs(1))), sd, source="toy.safetensors")
 
 
+@pytest.mark.parametrize("shift", [0, 8, 24, 56])
+def test_load_from_mapped_bytes_at_any_alignment(shift):
+    """Sources at any byte alignment (memory-mapped safetensors tensors are only 8-byte aligned, and XLA
+    aliases 64-byte-aligned host memory instead of copying it) load the same params, and no param shares
+    memory with its source or with another param."""
+    sd = to_state_dict(_Toy(nnx.Rngs(0)))
+    keys = sorted(sd)
+    blob = np.zeros(64 * (len(keys) + 2) + sum(v.nbytes for v in sd.values()), np.uint8)
+    base = -blob.ctypes.data % 64 + shift
+    views, at = {}, base
+    for k in keys:
+        v = sd[k].astype(np.float32)
+        view = blob[at : at + v.nbytes].view(np.float32).reshape(v.shape)
+        view[...] = v
+        views[k] = view
+        at += v.nbytes + 8  # odd gaps: some tensors aligned, some not
+    model = load_state_dict(nnx.eval_shape(lambda: _Toy(nnx.Rngs(1))), views)
+    blob[:] = 0  # params must not alias the source bytes
+    for k, v in to_state_dict(model).items():
+        np.testing.assert_array_equal(v, sd[k])
+    pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    assert len(set(pointers)) == len(pointers)
+
+
 def test_abstract_model_is_cached_per_config_and_fresh_per_call():
     from jax_erasepro.models.clip import CLIPTextConfig, CLIPTextModel
     from jax_erasepro.weights import _abstract_parts, abstract_model

@@ -314,3 +314,37 @@ def test_zero_padding_columns_change_nothing():
     w_pad, rep = erasepro_solve(jnp.asarray(w_o), x_pad, y_pad, hard=jnp.asarray(hard))
     assert np.asarray(rep.hard).tolist() == hard.tolist()
     assert_close(w_pad, w, rel=1e-6)
+
+
+@pytest.mark.parametrize("core_deficient", [False, True])
+def test_core_columns_stay_hard_when_padding_is_collinear(core_deficient):
+    """Requested columns made rank-deficient by near-duplicate 'padding' columns: only the core is hard (all
+    of it when it is well conditioned, greedily within it otherwise); padding is fitted in least squares
+    and never admitted."""
+    rng = np.random.default_rng(11)
+    d_in, n_core, n_pad = 64, 6, 20
+    core_cols = clip_like(rng, d_in, n_core)
+    if core_deficient:
+        core_cols[:, 4] = core_cols[:, 1]  # an exact duplicate, as layer-0 EOS columns of equal position
+    else:
+        core_cols[:, 4] += core_cols[:, 1]  # so t[:, 4] = t[:, 1] below is one more independent target
+    pad = core_cols[:, :1] + 1e-7 * rng.standard_normal((d_in, n_pad)).astype(np.float32)
+    c = np.concatenate([core_cols, pad], 1)
+    t = weights(rng, 8, d_in) @ clip_like(rng, d_in, n_core + n_pad)
+    t[:, n_core:] = t[:, :1]  # padding targets consistent with the first core column
+    t[:, 4] = t[:, 1]  # and the duplicate's with its original (no effect when there is none)
+    w_o = weights(rng, 8, d_in)
+    core = np.arange(n_core + n_pad) < n_core
+    w, rep = constrained_solve(
+        jnp.asarray(w_o), jnp.asarray(c), jnp.asarray(t), core=jnp.asarray(core), n_core=8
+    )
+    hard = np.asarray(rep.hard)
+    expected = core.copy()
+    if core_deficient:
+        expected[4] = False
+    np.testing.assert_array_equal(hard, expected)
+    assert rel_residual(w, c[:, hard], t[:, hard]) <= 1e-5
+    assert float(rep.residual_soft) <= 1e-3  # the padding sits (nearly) on an admitted column
+    # the same hard set as a solve that is told it directly
+    w_ref, _ = constrained_solve(jnp.asarray(w_o), jnp.asarray(c), jnp.asarray(t), hard=jnp.asarray(expected))
+    assert_close(w, w_ref, rel=1e-4)
