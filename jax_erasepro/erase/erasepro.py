@@ -477,6 +477,7 @@ def _notes(cols: Columns, n_hard: int, d: int, entries: list[dict], layer0: bool
     if short:
         notes.append(
             f"rank-deficient features: {len(short)} edited weights hold fewer than {n_hard} columns exactly "
-            f"(e.g. {short[0]}); those columns are fitted in least squares"
+            f"(e.g. {short[0]}); there only concept/EOS, preserved and prefix columns may be hard (padding "
+            "never is), and the columns not held are fitted in least squares"
         )
     return notes

@@ -359,6 +359,9 @@ def constrained_solve(
     if candidates is not None and not 1 <= candidates <= k:
         raise ValueError(f"candidates must be in [1, {k}], got {candidates}")
     core = None if core is None else jnp.asarray(core, bool)
+    concrete = not any(isinstance(a, jax.core.Tracer) for a in (core, requested))
+    if core is not None and n_core is not None and concrete and int(jnp.sum(core & requested)) > n_core:
+        raise ValueError(f"n_core={n_core} is smaller than the {int(jnp.sum(core & requested))} core columns")
     w, report = _constrained(
         w_o, c, t, requested, priority, preserved, rcond, precision, candidates, core, n_core
     )
