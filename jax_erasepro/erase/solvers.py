@@ -265,47 +265,69 @@ def _constrained(
     kept, q, r_inv, tol = _select_hard(c_sorted, hard[:n_c][order], rcond, core_sorted, n_core)
     hard = jnp.zeros(k, bool).at[order].set(kept)
     resid = t - w0 @ c  # (..., d_out, K): what the edit D = W - W_o must add on each column
-    # Hard part: D_h = R_h C_h^+ = R_h R^-1 Q^T (sorted order), the minimal-norm D with D C_h = R_h.
-    pinv = r_inv @ q.T  # (n_c, d)
-    r_hard = jnp.where(kept, resid[..., order], 0)
-    c_h = jnp.where(kept, c_sorted, 0)
-    d_hard = r_hard @ pinv
-    w_hard = w0 + d_hard  # one step of iterative refinement on the rounded weight: residual to its floor
-    d_hard = d_hard + (r_hard - (w_hard - w0) @ c_h) @ pinv
-    # Soft part: D_s with rows orthogonal to span(C_h) = span(Q) (so D_s C_h = 0) fitting what is left of
-    # the soft columns in least squares with minimal norm: D_s = (R_s - D_h C_s) B^+, B = (I - Q Q^T) C_s.
-    # Only the soft columns enter B (zero columns add nothing to B^+): the first m after a stable sort, for
-    # the smallest m in SOFT_SIZES holding them all, so a few rejected columns cost a small SVD.
-    # All-zero columns (callers' shape padding) fit nothing whatever D is: they are left out of B.
+    # All-zero columns (callers' shape padding) fit nothing whatever D is: they are left out of the soft fit.
     skip = hard | ~jnp.any(c != 0, axis=0)
     n_soft = jnp.sum(~skip)
     sizes = sorted({min(m, k) for m in (*SOFT_SIZES, k)})
 
-    def soft(m: int) -> Callable[[Array], Array]:
-        def fit(d_hard: Array) -> Array:
-            idx = jnp.argsort(skip, stable=True)[:m]
-            c_s = jnp.where(skip[idx], 0, c[:, idx])
-            e = jnp.where(skip[idx], 0, resid[..., idx]) - d_hard @ c_s
-            ub, _, inv_b, vbt, _ = _masked_svd(c_s - q @ (q.T @ c_s), tol)
-            d_soft = ((e @ vbt.T) * inv_b) @ ub.T
-            return d_soft - (d_soft @ q) @ q.T  # remove the rounding-level leak into span(C_h)
+    def edit(h: int) -> Callable[[None], tuple[Array, Array, Array]]:
+        """D = W - W_o with at most ``h`` (static) hard columns, gathered first so every product with the
+        hard set is h wide, and the hard set's extreme singular values."""
 
-        return fit
+        def solve(_: None) -> tuple[Array, Array, Array]:
+            sel = jnp.argsort(~kept, stable=True)[:h]  # the kept columns, in sorted order, then zeros
+            held = kept[sel]
+            q_h = jnp.where(held, q[:, sel], 0)  # (d, h)
+            r_inv_h = jnp.where(held[:, None] & held[None, :], r_inv[sel][:, sel], 0)
+            pinv = r_inv_h @ q_h.T  # (h, d): C_h^+
+            cols = order[sel]
+            c_h = jnp.where(held, c[:, cols], 0)
+            # Hard part: D_h = R_h C_h^+, the minimal-norm D with D C_h = R_h, and one step of iterative
+            # refinement on the rounded weight (residual to its floor): D_h = R_h C_h^+ + E_h C_h^+.
+            r_hard = jnp.where(held, resid[..., cols], 0)
+            d_hard = r_hard @ pinv
+            e_hard = r_hard - ((w0 + d_hard) - w0) @ c_h  # (..., d_out, h)
+            d_hard = d_hard + e_hard @ pinv
 
-    branch = jnp.where(n_soft == 0, 0, 1 + jnp.sum(jnp.asarray(sizes) < n_soft))
-    d_soft = jax.lax.switch(branch, [jnp.zeros_like, *(soft(m) for m in sizes)], d_hard)
-    w = (w0 + d_hard + d_soft).astype(w_o.dtype)
+            # Soft part: D_s with rows orthogonal to span(C_h) = span(Q_h) (so D_s C_h = 0) fitting what
+            # is left of the soft columns in least squares with minimal norm: D_s = (R_s - D_h C_s) B^+,
+            # B = (I - Q_h Q_h^T) C_s. Only the soft columns enter B (zero columns add nothing to B^+):
+            # the first m after a stable sort, for the smallest m in SOFT_SIZES holding them all.
+            def soft(m: int) -> Callable[[None], Array]:
+                def fit(_: None) -> Array:
+                    idx = jnp.argsort(skip, stable=True)[:m]
+                    c_s = jnp.where(skip[idx], 0, c[:, idx])
+                    pc = pinv @ c_s  # (h, m): D_h C_s = R_h pc + E_h pc, h wide
+                    e = jnp.where(skip[idx], 0, resid[..., idx]) - (r_hard @ pc + e_hard @ pc)
+                    ub, _, inv_b, vbt, _ = _masked_svd(c_s - q_h @ (q_h.T @ c_s), tol)
+                    d_soft = ((e @ vbt.T) * inv_b) @ ub.T
+                    return d_soft - (d_soft @ q_h) @ q_h.T  # remove the rounding-level leak into span(C_h)
 
-    delta = w.astype(dtype) - w0
+                return fit
+
+            branch = jnp.where(n_soft == 0, 0, 1 + jnp.sum(jnp.asarray(sizes) < n_soft))
+            zero = lambda _: jnp.zeros(resid.shape[:-1] + (c.shape[0],), dtype)  # noqa: E731
+            d_soft = jax.lax.switch(branch, [zero, *(soft(m) for m in sizes)], None)
+            # sigma_max(C_h) and 1 / sigma_min(C_h) = ||R^-1||_2 (no SVD of the hard block past 128)
+            if h <= EXACT_SVD_MAX:  # R^-1's nonzero singular values are 1 / those of C_h
+                sv = jnp.linalg.svd(r_inv_h, compute_uv=False)
+                s_min = 1 / jnp.maximum(sv[0], jnp.finfo(dtype).tiny)
+                s_max = 1 / jnp.maximum(jnp.min(jnp.where(sv > 0, sv, jnp.inf)), jnp.finfo(dtype).tiny)
+            else:
+                s_max = _sigma_max(c_h, 256)
+                s_min = 1 / jnp.maximum(_sigma_max(r_inv_h, 256), jnp.finfo(dtype).tiny)
+            return d_hard + d_soft, s_min, s_max
+
+        return solve
+
     rank = jnp.sum(kept)
-    # sigma_max(C_h) and 1 / sigma_min(C_h) = ||R^-1||_2 by power iteration (no SVD of the hard block)
-    if n_c <= EXACT_SVD_MAX:  # R^-1's nonzero singular values are 1 / those of C_h
-        sv = jnp.linalg.svd(r_inv, compute_uv=False)
-        s_min = 1 / jnp.maximum(sv[0], jnp.finfo(dtype).tiny)
-        s_max = 1 / jnp.maximum(jnp.min(jnp.where(sv > 0, sv, jnp.inf)), jnp.finfo(dtype).tiny)
-    else:
-        s_max = _sigma_max(c_h, 256)
-        s_min = 1 / jnp.maximum(_sigma_max(r_inv, 256), jnp.finfo(dtype).tiny)
+    # a narrow program when only the core could be held (n_core bounds it), the full width otherwise
+    widths = [n_c] if n_core is None or n_core >= n_c else [n_core, n_c]
+    d_edit, s_min, s_max = jax.lax.switch(
+        jnp.sum(jnp.asarray(widths[:-1]) < rank), [edit(h) for h in widths], None
+    )
+    w = (w0 + d_edit).astype(w_o.dtype)
+    delta = w.astype(dtype) - w0
     report = SolveReport(
         hard=hard,
         preserved=preserved,
