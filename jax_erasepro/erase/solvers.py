@@ -305,9 +305,11 @@ def _constrained(
 
                 return fit
 
+            def none(_: None) -> Array:
+                return jnp.zeros_like(d_hard)
+
             branch = jnp.where(n_soft == 0, 0, 1 + jnp.sum(jnp.asarray(sizes) < n_soft))
-            zero = lambda _: jnp.zeros(resid.shape[:-1] + (c.shape[0],), dtype)  # noqa: E731
-            d_soft = jax.lax.switch(branch, [zero, *(soft(m) for m in sizes)], None)
+            d_soft = jax.lax.switch(branch, [none, *(soft(m) for m in sizes)], None)
             # sigma_max(C_h) and 1 / sigma_min(C_h) = ||R^-1||_2 (no SVD of the hard block past 128)
             if h <= EXACT_SVD_MAX:  # R^-1's nonzero singular values are 1 / those of C_h
                 sv = jnp.linalg.svd(r_inv_h, compute_uv=False)
