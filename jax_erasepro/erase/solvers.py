@@ -159,18 +159,18 @@ def _select_hard(
     s_max = jnp.linalg.svd(r, compute_uv=False)[0] if k <= EXACT_SVD_MAX else _sigma_max(r)
     tol = rcond * s_max
     block = lead[:, None] & lead[None, :]
-    block_core = lead_core[:, None] & lead_core[None, :]
     r = jnp.where(block, r, jnp.eye(k, dtype=c.dtype))  # the requested block; identity elsewhere
     r_inv = jnp.where(block, jax.scipy.linalg.solve_triangular(r, jnp.eye(k, dtype=c.dtype), lower=False), 0)
     diag_ok = jnp.diagonal(r) != 0
 
-    def passes(mask: Array, sub: Array) -> Array:
-        fro2 = jnp.sum(jnp.where(sub, r_inv, 0) ** 2)  # a leading block of R^-1 is its own block's inverse
-        return jnp.all(diag_ok | ~mask) & jnp.isfinite(fro2) & (fro2 * tol**2 <= 1)
+    def passes(mask: Array) -> Array:
+        fro2 = jnp.sum(jnp.where(mask[:, None] & mask, r_inv, 0) ** 2)  # a leading block of R^-1 inverts
+        return jnp.all(diag_ok | ~mask) & jnp.isfinite(fro2) & (fro2 * tol**2 <= 1)  # its block of R
 
     back = jnp.argsort(perm)
 
-    def held(mask: Array, sub: Array) -> Callable[[None], tuple[Array, Array, Array]]:
+    def held(mask: Array) -> Callable[[None], tuple[Array, Array, Array]]:
+        sub = mask[:, None] & mask
         return lambda _: (mask[back], jnp.where(mask, q, 0)[:, back], jnp.where(sub, r_inv, 0)[back][:, back])
 
     def greedy(_: None) -> tuple[Array, Array, Array]:
@@ -180,8 +180,8 @@ def _select_hard(
         q_g, r_inv_g = jnp.pad(q_g, ((0, 0), (0, k - m))), jnp.pad(r_inv_g, ((0, k - m), (0, k - m)))
         return kept[back], q_g[:, back], r_inv_g[back][:, back]
 
-    branch = jnp.where(passes(lead, block), 0, jnp.where(passes(lead_core, block_core), 1, 2))
-    return (*jax.lax.switch(branch, [held(lead, block), held(lead_core, block_core), greedy], None), tol)
+    branch = jnp.where(passes(lead), 0, jnp.where(passes(lead_core), 1, 2))
+    return (*jax.lax.switch(branch, [held(lead), held(lead_core), greedy], None), tol)
 
 
 def _select_hard_greedy(
@@ -275,10 +275,9 @@ def _constrained(
         hard set is h wide, and the hard set's extreme singular values."""
 
         def solve(_: None) -> tuple[Array, Array, Array]:
-            sel = jnp.argsort(~kept, stable=True)[:h]  # the kept columns, in sorted order, then zeros
+            sel = jnp.argsort(~kept, stable=True)[:h]  # the kept columns, in sorted order, then others
             held = kept[sel]
-            q_h = jnp.where(held, q[:, sel], 0)  # (d, h)
-            r_inv_h = jnp.where(held[:, None] & held[None, :], r_inv[sel][:, sel], 0)
+            q_h, r_inv_h = q[:, sel], r_inv[sel][:, sel]  # (d, h), (h, h): zero off the kept columns
             pinv = r_inv_h @ q_h.T  # (h, d): C_h^+
             cols = order[sel]
             c_h = jnp.where(held, c[:, cols], 0)
@@ -384,8 +383,10 @@ def constrained_solve(
         raise ValueError(f"candidates must be in [1, {k}], got {candidates}")
     core = None if core is None else jnp.asarray(core, bool)
     concrete = not any(isinstance(a, jax.core.Tracer) for a in (core, requested))
-    if core is not None and n_core is not None and concrete and int(jnp.sum(core & requested)) > n_core:
-        raise ValueError(f"n_core={n_core} is smaller than the {int(jnp.sum(core & requested))} core columns")
+    if core is not None and n_core is not None and concrete:
+        n = int(jnp.sum(core & requested))
+        if n > n_core:
+            raise ValueError(f"n_core={n_core} is smaller than the {n} core columns")
     w, report = _constrained(
         w_o, c, t, requested, priority, preserved, rcond, precision, candidates, core, n_core
     )
