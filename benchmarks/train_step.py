@@ -1,12 +1,15 @@
 """shapes-sd training steps (the recipes' UNet, VAE and CLIP): JAX + optax against torch, side by side.
 
-    python benchmarks/train_step.py [--sizes f4 small] [--models unet vae clip] [--repeats 5]
+    python benchmarks/train_step.py [--sizes f4 small] [--models unet vae clip] [--repeats 5] [--allocators]
 
 One step is the loss, its gradients and an AdamW update at the recipes' batch sizes (UNet 64, VAE 32, CLIP
 128), random weights and inputs (speed does not depend on them). torch runs diffusers' UNet and VAE and
 transformers' CLIPModel with the same configs. JAX runs twice: with XLA's default flags and with
 ``jax_erasepro.xla_flags.TRAINING_FLAGS``, which train_vae and train_unet set (train_clip does not);
-JAX/torch compares the step each recipe runs. Each run is its own subprocess; times are medians after two
+JAX/torch compares the step each recipe runs. ``--allocators`` runs the recipe's JAX step and the torch step
+again under jemalloc (``jax_erasepro.allocator``, which the training scripts use when it is installed) and
+reports both frameworks under both allocators, with kernel (sys) seconds and page faults per step. Each run
+is its own subprocess; times are medians after two
 warm-up steps, JAX's compile reported apart; FLOPs are XLA's count for the JAX step. Writes
 benchmarks/results/train_step.json (rows of other models kept) and prints a table.
 """
@@ -102,7 +105,7 @@ def run_jax(model: str, size: str, repeats: int) -> dict:
     one()
     one()
     return {"jax_step_s": _median_time(one, repeats), "jax_compile_s": compile_s,
-            "gflop": float(cost.get("flops", 0.0)) / 1e9}
+            "gflop": float(cost.get("flops", 0.0)) / 1e9} | _per_step_usage("jax", one, repeats)
 
 
 def run_torch(model: str, size: str, repeats: int) -> dict:
@@ -150,11 +153,34 @@ def run_torch(model: str, size: str, repeats: int) -> dict:
 
     one()
     one()
-    return {"torch_step_s": _median_time(one, repeats), "torch_threads": torch.get_num_threads()}
+    return {"torch_step_s": _median_time(one, repeats), "torch_threads": torch.get_num_threads()} | (
+        _per_step_usage("torch", one, repeats)
+    )
 
 
-def _child(args: list[str], xla_flags: str | None = None) -> dict:
+def _per_step_usage(prefix: str, one, repeats: int) -> dict:  # noqa: ANN001
+    """Kernel seconds and minor page faults per step over ``repeats`` more steps (where fresh pages go)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(repeats):
+        one()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {f"{prefix}_sys_s": (after.ru_stime - before.ru_stime) / repeats,
+            f"{prefix}_page_faults": (after.ru_minflt - before.ru_minflt) / repeats}
+
+
+def _child(args: list[str], xla_flags: str | None = None, jemalloc: bool = False) -> dict:
+    from jax_erasepro.allocator import CHOICE, find_jemalloc, jemalloc_env
+
     env = dict(os.environ)
+    if not jemalloc:
+        env.pop("LD_PRELOAD", None)
+    env[CHOICE] = "jemalloc" if jemalloc else "system"
+    if jemalloc:
+        env = jemalloc_env(env, find_jemalloc())
+        if env is None:
+            raise SystemExit("--allocators: no jemalloc found (apt install libjemalloc2)")
     if xla_flags is not None:
         env["XLA_FLAGS"] = xla_flags
     out = subprocess.run(
@@ -172,6 +198,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["f4", "small"])
     parser.add_argument("--models", nargs="+", default=["unet", "vae", "clip"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--allocators", action="store_true", help="also run JAX and torch under jemalloc")
     parser.add_argument("--child", nargs=4, metavar=("FRAMEWORK", "MODEL", "SIZE", "REPEATS"))
     args = parser.parse_args()
     if args.child:
@@ -194,6 +221,14 @@ def main() -> None:
         row["recipe_jax_step_s"] = row["jax_step_s"] if model in FLAGGED else row["default_jax_step_s"]
         row["jax_speedup"] = row["torch_step_s"] / row["recipe_jax_step_s"]
         row["jax_gflops"] = row["gflop"] / row["recipe_jax_step_s"]
+        if args.allocators:
+            recipe_flags = " ".join(TRAINING_FLAGS) if model in FLAGGED else ""
+            je = _child(["jax", model, size, str(args.repeats)], recipe_flags, jemalloc=True)
+            je |= _child(["torch", model, size, str(args.repeats)], jemalloc=True)
+            row |= {f"jemalloc_{k}": v for k, v in je.items()}
+            row["jemalloc_jax_gain"] = row["recipe_jax_step_s"] / je["jax_step_s"]
+            row["jemalloc_torch_gain"] = row["torch_step_s"] / je["torch_step_s"]
+            row["jemalloc_jax_speedup"] = je["torch_step_s"] / je["jax_step_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(
@@ -207,6 +242,19 @@ def main() -> None:
             f"{'flags' if r['recipe_uses_flags'] else 'default':>7} "
             f"{r['jax_speedup']:8.2f}x {r['jax_gflops']:7.0f} {r['jax_compile_s']:9.1f}"
         )
+    mem = [r for r in rows if "jemalloc_jax_step_s" in r]
+    if mem:
+        print(f"\n{'model':6} {'size':6} {'allocator':9} {'JAX s':>6} {'sys s':>6} {'faults':>7} "
+              f"{'torch s':>7} {'sys s':>6} {'faults':>7} {'JAX/torch':>9}")
+    for r in mem:
+        recipe = "" if r["recipe_uses_flags"] else "default_"
+        for name, pre, jax_s in (("glibc", "", r["recipe_jax_step_s"]), ("jemalloc", "jemalloc_", None)):
+            jax_s = jax_s if jax_s is not None else r["jemalloc_jax_step_s"]
+            jpre = pre or recipe
+            print(f"{r['model']:6} {r['size']:6} {name:9} {jax_s:6.3f} {r[jpre + 'jax_sys_s']:6.3f} "
+                  f"{r[jpre + 'jax_page_faults']:7.0f} {r[pre + 'torch_step_s']:7.3f} "
+                  f"{r[pre + 'torch_sys_s']:6.3f} {r[pre + 'torch_page_faults']:7.0f} "
+                  f"{r[pre + 'torch_step_s'] / jax_s:8.2f}x")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         json.dumps({"training_flags": list(TRAINING_FLAGS), "rows": rows}, indent=2) + "\n"

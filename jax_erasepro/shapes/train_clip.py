@@ -22,6 +22,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 from transformers import CLIPTokenizer
 
+from jax_erasepro.allocator import use_jemalloc
 from jax_erasepro.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from jax_erasepro.prefetch import prefetched
 from jax_erasepro.shapes.render import make_scenes, render
@@ -393,4 +394,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    use_jemalloc()  # re-executes once under jemalloc where installed: see allocator
     main()

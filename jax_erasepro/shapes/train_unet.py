@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from transformers import CLIPTokenizer
 
+from jax_erasepro.allocator import use_jemalloc
 from jax_erasepro.loading import TEXT_PREFIX, SafetensorsReader
 from jax_erasepro.models.clip import CLIPConfig, CLIPTextModel
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
@@ -235,4 +236,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    use_jemalloc()  # re-executes once under jemalloc where installed: see allocator
     main()

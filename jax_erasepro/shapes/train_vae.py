@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_erasepro.allocator import use_jemalloc
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jax_erasepro.prefetch import prefetched
 from jax_erasepro.shapes.render import make_batch
@@ -223,4 +224,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    use_jemalloc()  # re-executes once under jemalloc where installed: see allocator
     main()
