@@ -22,8 +22,8 @@ JEMALLOC_PATHS = (
     "/usr/local/lib/libjemalloc.so.2",
     "/usr/lib/libjemalloc.so.2",
 )
-# never return pages (dirty/muzzy decay off); no oversize arena (it purges at once). Not thp:always: it ran
-# faster here but spent up to 1.9 s per CLIP step in the kernel (huge-page compaction)
+# never return pages (dirty/muzzy decay off); no oversize arena (it purges at once). Not thp:always: in an
+# A/B it was within noise (VAE) or mixed (CLIP) and spent up to 1.9 s per CLIP step in huge-page compaction
 MALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0"
 CHOICE = "JAX_ERASEPRO_ALLOCATOR"  # "system": keep glibc malloc; "jemalloc" (default): use it when found
 
