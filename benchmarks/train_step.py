@@ -104,8 +104,8 @@ def run_jax(model: str, size: str, repeats: int) -> dict:
 
     one()
     one()
-    return {"jax_step_s": _median_time(one, repeats), "jax_compile_s": compile_s,
-            "gflop": float(cost.get("flops", 0.0)) / 1e9} | _per_step_usage("jax", one, repeats)
+    gflop = float(cost.get("flops", 0.0)) / 1e9
+    return {"jax_compile_s": compile_s, "gflop": gflop} | _timed("jax", one, repeats)
 
 
 def run_torch(model: str, size: str, repeats: int) -> dict:
@@ -153,34 +153,27 @@ def run_torch(model: str, size: str, repeats: int) -> dict:
 
     one()
     one()
-    return {"torch_step_s": _median_time(one, repeats), "torch_threads": torch.get_num_threads()} | (
-        _per_step_usage("torch", one, repeats)
-    )
+    return {"torch_threads": torch.get_num_threads()} | _timed("torch", one, repeats)
 
 
-def _per_step_usage(prefix: str, one, repeats: int) -> dict:  # noqa: ANN001
-    """Kernel seconds and minor page faults per step over ``repeats`` more steps (where fresh pages go)."""
+def _timed(prefix: str, one, repeats: int) -> dict:  # noqa: ANN001
+    """The median step time over ``repeats`` steps, and the kernel seconds and minor page faults per step
+    over the same steps (where fresh pages go)."""
     import resource
 
     before = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(repeats):
-        one()
+    step_s = _median_time(one, repeats)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    return {f"{prefix}_sys_s": (after.ru_stime - before.ru_stime) / repeats,
+    return {f"{prefix}_step_s": step_s, f"{prefix}_sys_s": (after.ru_stime - before.ru_stime) / repeats,
             f"{prefix}_page_faults": (after.ru_minflt - before.ru_minflt) / repeats}
 
 
 def _child(args: list[str], xla_flags: str | None = None, jemalloc: bool = False) -> dict:
     from jax_erasepro.allocator import CHOICE, find_jemalloc, jemalloc_env
 
-    env = dict(os.environ)
-    if not jemalloc:
-        env.pop("LD_PRELOAD", None)
-    env[CHOICE] = "jemalloc" if jemalloc else "system"
-    if jemalloc:
-        env = jemalloc_env(env, find_jemalloc())
-        if env is None:
-            raise SystemExit("--allocators: no jemalloc found (apt install libjemalloc2)")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", CHOICE)}  # glibc unless asked
+    if jemalloc and (env := jemalloc_env(env, find_jemalloc())) is None:
+        raise SystemExit("--allocators: no jemalloc found (apt install libjemalloc2)")
     if xla_flags is not None:
         env["XLA_FLAGS"] = xla_flags
     out = subprocess.run(
@@ -247,14 +240,12 @@ def main() -> None:
         print(f"\n{'model':6} {'size':6} {'allocator':9} {'JAX s':>6} {'sys s':>6} {'faults':>7} "
               f"{'torch s':>7} {'sys s':>6} {'faults':>7} {'JAX/torch':>9}")
     for r in mem:
-        recipe = "" if r["recipe_uses_flags"] else "default_"
-        for name, pre, jax_s in (("glibc", "", r["recipe_jax_step_s"]), ("jemalloc", "jemalloc_", None)):
-            jax_s = jax_s if jax_s is not None else r["jemalloc_jax_step_s"]
-            jpre = pre or recipe
-            print(f"{r['model']:6} {r['size']:6} {name:9} {jax_s:6.3f} {r[jpre + 'jax_sys_s']:6.3f} "
-                  f"{r[jpre + 'jax_page_faults']:7.0f} {r[pre + 'torch_step_s']:7.3f} "
-                  f"{r[pre + 'torch_sys_s']:6.3f} {r[pre + 'torch_page_faults']:7.0f} "
-                  f"{r[pre + 'torch_step_s'] / jax_s:8.2f}x")
+        recipe = "" if r["recipe_uses_flags"] else "default_"  # the JAX run the recipe uses, under glibc
+        for name, jax, torch in (("glibc", recipe, ""), ("jemalloc", "jemalloc_", "jemalloc_")):
+            jax_s, torch_s = r[jax + "jax_step_s"], r[torch + "torch_step_s"]
+            print(f"{r['model']:6} {r['size']:6} {name:9} {jax_s:6.3f} {r[jax + 'jax_sys_s']:6.3f} "
+                  f"{r[jax + 'jax_page_faults']:7.0f} {torch_s:7.3f} {r[torch + 'torch_sys_s']:6.3f} "
+                  f"{r[torch + 'torch_page_faults']:7.0f} {torch_s / jax_s:8.2f}x")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         json.dumps({"training_flags": list(TRAINING_FLAGS), "rows": rows}, indent=2) + "\n"
