@@ -6,7 +6,11 @@ straight into them through the strict map of ``weights.py``. Every failure names
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import gc
 import json
+import os
 import struct
 from importlib import resources
 from pathlib import Path
@@ -54,6 +58,37 @@ def _weights_file(folder: Path, stem: str, variant: str | None) -> Path:
     raise FileNotFoundError(f"missing weights file: {folder / names[0]}")
 
 
+@dataclasses.dataclass(frozen=True)
+class FileTensor:
+    """One tensor of a safetensors file, not read yet. ``read_into`` copies its bytes from the file straight
+    into a caller's buffer with ``pread`` (no page-faulting memory map, no intermediate array)."""
+
+    path: Path
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Fill the C-contiguous ``out`` (this tensor's shape and dtype) from the file."""
+        if out.shape != self.shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(
+                f"need a contiguous {self.dtype} {self.shape} buffer, got {out.dtype} {out.shape}"
+            )
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
+            done = 0
+            while done < len(view):
+                n = os.preadv(f.fileno(), [view[done:]], self.offset + done)
+                if n == 0:
+                    raise WeightsError(f"{self.path}: the file ends inside a tensor (truncated?)")
+                done += n
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        self.read_into(out)
+        return out if dtype is None else out.astype(dtype)
+
+
 class SafetensorsReader:
     """Zero-copy key -> numpy view of one safetensors file (memory-mapped), so a loader copies each tensor
     once, straight into its param. The header is validated up front; errors name the file."""
@@ -90,6 +125,13 @@ class SafetensorsReader:
         begin, end, dtype, shape = self._entries[key]
         return self._map[begin:end].view(dtype).reshape(shape)
 
+    def lazy(self, key: str) -> FileTensor:
+        """The tensor ``key`` as a ``FileTensor``: read later, straight into its destination."""
+        if key not in self._entries:
+            raise WeightsError(f"{self.path}: no tensor {key!r}")
+        begin, _, dtype, shape = self._entries[key]
+        return FileTensor(self.path, begin, dtype, shape)
+
     def dtypes(self) -> dict[str, str]:
         return {k: SAFETENSORS_NAMES[e[2]] for k, e in self._entries.items()}
 
@@ -106,7 +148,7 @@ def _load_component(
     ignored = IGNORED_KEYS.get(name, ())
     model = load_state_dict(
         abstract,
-        lambda k: reader[prefix + k],
+        lambda k: reader.lazy(prefix + k),
         keys,
         source=str(path),
         dtype=dtype,
@@ -204,6 +246,24 @@ def _load_orbax(root: Path, dtype: Any) -> StableDiffusion:
     )
 
 
+def _gc_paused(fn: Any) -> Any:
+    """Run ``fn`` with Python's cyclic GC off: a load allocates many small objects while the heap holds
+    large module graphs, and each full collection they trigger walks all of it (~0.4 s per SD load)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return wrapper
+
+
+@_gc_paused
 def load_pretrained(
     path: str | Path | None = None,
     *,
@@ -239,8 +299,7 @@ def load_pretrained(
         return _load_orbax(root, jdtype)
     if (root / DELTA_MARKER).is_file():
         raise ValueError(
-            f"{root} is a delta, not a model: use "
-            f"apply_delta(load_pretrained(BASE), {str(root)!r})"
+            f"{root} is a delta, not a model: use apply_delta(load_pretrained(BASE), {str(root)!r})"
         )
     cfg, sched_cfg = _read_configs(root)
     models, components = {}, {}

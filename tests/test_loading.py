@@ -36,7 +36,6 @@ def copy(folder, tmp_path):
     return dst
 
 
-
 def test_loads_diffusers_folder_exactly(sd, folder):
     loaded = load_pretrained(folder)
     assert_same_params(sd, loaded)
@@ -59,8 +58,11 @@ def test_text_encoder_keys_with_or_without_text_model_prefix(sd, copy, with_pref
 
 
 def test_fp16_variant(sd, copy):
-    for comp, stem in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                       ("text_encoder", "model")]:
+    for comp, stem in [
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ]:
         src = copy / comp / f"{stem}.safetensors"
         half = {k: v.astype(np.float16) for k, v in load_file(src).items()}
         save_file(half, copy / comp / f"{stem}.fp16.safetensors")
@@ -141,3 +143,29 @@ def test_prompt_over_77_tokens_is_truncated_with_a_warning(sd):
     with pytest.warns(UserWarning, match="truncat"):
         ids = tokenize(sd.tokenizer, [long])
     assert ids.shape == (1, 77) and ids[0, -1] == 49407
+
+
+def test_file_tensor_reads_exactly_its_bytes_and_refuses_a_short_file(tmp_path):
+    """``FileTensor`` copies one tensor straight from the file; a file cut short after its header was read
+    (so the header check could not see it) fails with the file named, not with garbage."""
+    from jax_erasepro.loading import SafetensorsReader
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.normal(size=(3, 5)).astype(np.float16), "b": rng.normal(size=(7,)).astype(np.float32)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    reader = SafetensorsReader(path)
+    for key, want in tensors.items():
+        lazy = reader.lazy(key)
+        assert (lazy.shape, lazy.dtype) == (want.shape, want.dtype)
+        np.testing.assert_array_equal(np.asarray(lazy), want)
+        out = np.empty_like(want)
+        lazy.read_into(out)
+        np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="contiguous"):
+        reader.lazy("a").read_into(np.empty((5, 3), np.float16).T)
+    last = max(tensors, key=lambda k: reader.lazy(k).offset)
+    with open(path, "r+b") as f:
+        f.truncate(reader.lazy(last).offset + 2)
+    with pytest.raises(WeightsError, match="ends inside a tensor"):
+        np.asarray(reader.lazy(last))

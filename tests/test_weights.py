@@ -47,13 +47,25 @@ def test_keys_layouts_and_round_trip():
         np.testing.assert_array_equal(v, sd[k])
 
 
+def _poison(sd: dict, key: str, index: tuple, value: float) -> None:
+    sd[key] = sd[key].copy()
+    sd[key][index] = value
+
+
 @pytest.mark.parametrize(
     "mutate, msg",
     [
         (lambda d: d.pop("conv.bias"), "missing key 'conv.bias'"),
         (lambda d: d.update(extra=np.zeros(1)), "unexpected key 'extra'"),
         (lambda d: d.update({"emb.weight": np.zeros((7, 4))}), "key 'emb.weight' has shape"),
-        (lambda d: d.update({"encoder.layers.0.fc.bias": np.full(5, np.nan)}), "NaN"),
+        (lambda d: d.update({"encoder.layers.0.fc.bias": np.full(5, np.nan)}), "'encoder.layers.0.fc.bias'"),
+        # a transposed stacked kernel, a transposed conv kernel, a param kept as read: each names its key
+        (
+            lambda d: _poison(d, "encoder.layers.2.fc.weight", (4, 1), np.inf),
+            "'encoder.layers.2.fc.weight'",
+        ),
+        (lambda d: _poison(d, "conv.weight", (3, 1, 2, 0), -np.inf), "'conv.weight' holds NaN or inf"),
+        (lambda d: _poison(d, "emb.weight", (6, 2), np.nan), "'emb.weight' holds NaN or inf"),
     ],
 )
 def test_strict_errors_name_the_key(mutate, msg):
@@ -101,3 +113,20 @@ def test_abstract_model_is_cached_per_config_and_fresh_per_call():
     assert abstract_model(CLIPTextModel, cfg).encoder.unroll == 1
     other = CLIPTextConfig(hidden_size=8, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
     assert state_dict_shapes(abstract_model(CLIPTextModel, other)) != state_dict_shapes(a)
+
+
+@pytest.mark.parametrize("shape, batch", [((), 0), ((7,), 0), ((6, 5), 0), ((4, 3, 3, 3), 0), ((3, 8, 5), 1)])
+def test_finite_rows_matches_numpy(shape, batch):
+    """The two-step finiteness reduction agrees with numpy wherever one NaN or inf sits."""
+    from jax_erasepro.weights import _finite_rows
+
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    np.testing.assert_array_equal(
+        _finite_rows(x, batch), np.all(np.isfinite(x.reshape(*shape[:batch], -1)), -1)
+    )
+    for i in range(0, max(x.size, 1), 5):
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y.reshape(-1)[i] = bad
+            want = np.all(np.isfinite(y.reshape(*shape[:batch], -1)), -1)
+            np.testing.assert_array_equal(_finite_rows(y, batch), want)
