@@ -1,11 +1,21 @@
 """The state-dict map: key names, layouts, stacked layers, and strict errors."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from jax_erasepro import weights
 from jax_erasepro.weights import WeightsError, load_state_dict, state_dict_shapes, to_state_dict
+
+
+@pytest.fixture(params=["numpy", "xla"])
+def layout_path(request, monkeypatch):
+    """Small tensors are laid out and checked in numpy, larger ones by XLA: run a test through each."""
+    if request.param == "xla":
+        monkeypatch.setattr(weights, "SMALL_BYTES", -1)
+    return request.param
 
 
 class _Layer(nnx.Module):
@@ -32,7 +42,7 @@ class _Encoder(nnx.Module):
         self.layers = make(jax.random.split(rngs.params(), 3))
 
 
-def test_keys_layouts_and_round_trip():
+def test_keys_layouts_and_round_trip(layout_path):
     model = _Toy(nnx.Rngs(0))
     sd = to_state_dict(model)
     assert state_dict_shapes(model) == {k: v.shape for k, v in sd.items()}
@@ -68,7 +78,7 @@ def _poison(sd: dict, key: str, index: tuple, value: float) -> None:
         (lambda d: _poison(d, "emb.weight", (6, 2), np.nan), "'emb.weight' holds NaN or inf"),
     ],
 )
-def test_strict_errors_name_the_key(mutate, msg):
+def test_strict_errors_name_the_key(mutate, msg, layout_path):
     sd = to_state_dict(_Toy(nnx.Rngs(0)))
     mutate(sd)
     with pytest.raises(WeightsError, match=msg.replace("(", r"\(")):
@@ -76,7 +86,7 @@ def test_strict_errors_name_the_key(mutate, msg):
 
 
 @pytest.mark.parametrize("shift", [0, 8, 24, 56])
-def test_load_from_mapped_bytes_at_any_alignment(shift):
+def test_load_from_mapped_bytes_at_any_alignment(shift, layout_path):
     """Sources at any byte alignment (memory-mapped safetensors tensors are only 8-byte aligned, and XLA
     aliases 64-byte-aligned host memory instead of copying it) load the same params, and no param shares
     memory with its source or with another param."""
@@ -116,11 +126,15 @@ def test_abstract_model_is_cached_per_config_and_fresh_per_call():
 
 
 @pytest.mark.parametrize("shape, batch", [((), 0), ((7,), 0), ((6, 5), 0), ((4, 3, 3, 3), 0), ((3, 8, 5), 1)])
-def test_finite_rows_matches_numpy(shape, batch):
-    """The two-step finiteness reduction agrees with numpy wherever one NaN or inf sits."""
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_finite_rows_matches_numpy(shape, batch, dtype):
+    """The chunked finiteness check (on the bits for 16-bit floats) agrees with numpy wherever one NaN or
+    inf sits, and takes the largest finite values as finite."""
     from jax_erasepro.weights import _finite_rows
 
-    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=shape).astype(jnp.dtype(dtype))
+    if x.size:
+        x.reshape(-1)[0] = jnp.finfo(x.dtype).max
     np.testing.assert_array_equal(
         _finite_rows(x, batch), np.all(np.isfinite(x.reshape(*shape[:batch], -1)), -1)
     )
@@ -130,3 +144,12 @@ def test_finite_rows_matches_numpy(shape, batch):
             y.reshape(-1)[i] = bad
             want = np.all(np.isfinite(y.reshape(*shape[:batch], -1)), -1)
             np.testing.assert_array_equal(_finite_rows(y, batch), want)
+
+
+@pytest.mark.parametrize("src, dst", [(np.float16, np.float32), (np.float32, np.float16)])
+def test_load_casts_to_the_asked_dtype(src, dst, layout_path):
+    sd = {k: v.astype(src) for k, v in to_state_dict(_Toy(nnx.Rngs(0))).items()}
+    model = load_state_dict(nnx.eval_shape(lambda: _Toy(nnx.Rngs(1))), sd, dtype=dst)
+    for k, v in to_state_dict(model).items():
+        assert v.dtype == dst
+        np.testing.assert_array_equal(v, sd[k].astype(dst))
