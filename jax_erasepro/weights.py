@@ -40,11 +40,8 @@ def _to_hf_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
 
 def to_flax_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
     """A PyTorch-layout tensor in the layout of the NNX param whose leaf name is ``leaf``."""
-    if leaf == "kernel" and arr.ndim == 2:
-        return arr.T
-    if leaf == "kernel" and arr.ndim == 4:  # OIHW -> HWIO
-        return arr.transpose(2, 3, 1, 0)
-    return arr
+    perm = _layout_perm(leaf, arr.ndim, 0)
+    return arr if perm is None else arr.transpose(perm)
 
 
 def _hf_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -150,7 +147,7 @@ def load_state_dict(
     np_dtype = np.dtype(dtype)
     staging = _Staging()
     buffers: dict[tuple[Any, ...], jax.Array] = {}
-    finite: list[tuple[list[str], jax.Array]] = []
+    finite: list[tuple[list[str], np.ndarray]] = []
     for path, entries in itertools.groupby(param_entries(abstract), key=lambda e: e[0]):
         entries = list(entries)
         leaf, stacked = entries[0][3], entries[0][2] is not None
@@ -178,7 +175,7 @@ def load_state_dict(
                 src.read_into(out)
             else:
                 np.copyto(out, np.asarray(src))
-        if check:  # on the host while XLA lays out the previous tensor (fused with it, ~2x slower)
+        if check:  # on the host, while XLA lays out the previous tensor (inside its pass: ~2x slower)
             finite.append((keys_, _finite_rows(host, int(stacked))))
         if same:
             buffers[path] = jax.device_put(host)
