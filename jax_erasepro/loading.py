@@ -119,17 +119,18 @@ class SafetensorsReader:
             raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
         self.keys = set(self._entries)
 
-    def __getitem__(self, key: str) -> np.ndarray:
+    def _entry(self, key: str) -> tuple[int, int, np.dtype, tuple[int, ...]]:
         if key not in self._entries:
             raise WeightsError(f"{self.path}: no tensor {key!r}")
-        begin, end, dtype, shape = self._entries[key]
+        return self._entries[key]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        begin, end, dtype, shape = self._entry(key)
         return self._map[begin:end].view(dtype).reshape(shape)
 
     def lazy(self, key: str) -> FileTensor:
         """The tensor ``key`` as a ``FileTensor``: read later, straight into its destination."""
-        if key not in self._entries:
-            raise WeightsError(f"{self.path}: no tensor {key!r}")
-        begin, _, dtype, shape = self._entries[key]
+        begin, _, dtype, shape = self._entry(key)
         return FileTensor(self.path, begin, dtype, shape)
 
     def dtypes(self) -> dict[str, str]:

@@ -31,11 +31,9 @@ class WeightsError(ValueError):
 
 
 def _to_hf_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and arr.ndim == 2:  # Linear (in, out) -> (out, in)
-        return arr.T
-    if leaf == "kernel" and arr.ndim == 4:  # Conv HWIO -> OIHW
-        return arr.transpose(3, 2, 0, 1)
-    return arr
+    """An NNX param in PyTorch layout: the inverse of ``to_flax_layout``."""
+    perm = _layout_perm(leaf, arr.ndim, 0)
+    return arr if perm is None else arr.transpose(np.argsort(perm))
 
 
 def to_flax_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
@@ -45,11 +43,9 @@ def to_flax_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
 
 
 def _hf_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if leaf == "kernel" and len(shape) == 2:
-        return shape[::-1]
-    if leaf == "kernel" and len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    return shape
+    """The PyTorch-layout shape of an NNX param of ``shape``."""
+    perm = _layout_perm(leaf, len(shape), 0)
+    return shape if perm is None else tuple(shape[i] for i in np.argsort(perm))
 
 
 def _stacked_prefix(model: nnx.Module, path: tuple[Any, ...]) -> int:
@@ -162,12 +158,12 @@ def load_state_dict(
             sources.append(src)
         shape = (len(sources), *want) if stacked else want
         keys_ = [key for _, key, _, _ in entries]
-        check = check_finite and np.dtype(sources[0].dtype).kind == "f"
-        same = _layout_is_identity(leaf, len(want)) and np.dtype(sources[0].dtype) == np_dtype
+        dtype0 = np.dtype(sources[0].dtype)
+        check = check_finite and dtype0.kind == "f"
+        same = _layout_is_identity(leaf, len(want)) and dtype0 == np_dtype
         # The source is copied once, into a 64-byte aligned host buffer that XLA:CPU adopts without a
         # copy: a param already in its layout and dtype IS that buffer; the others are laid out and cast
         # from a reused staging buffer, by one XLA pass (numpy for small ones: no program per shape).
-        dtype0 = np.dtype(sources[0].dtype)
         slot, host = (None, _aligned_empty(shape, dtype0)) if same else staging.take(shape, dtype0)
         for n, src in enumerate(sources):
             out = host[n] if stacked else host
