@@ -10,11 +10,14 @@ from jax_erasepro import weights
 from jax_erasepro.weights import WeightsError, load_state_dict, state_dict_shapes, to_state_dict
 
 
-@pytest.fixture(params=["numpy", "xla"])
+@pytest.fixture(params=["numpy", "xla", "xla-source-check"])
 def layout_path(request, monkeypatch):
-    """Small tensors are laid out and checked in numpy, larger ones by XLA: run a test through each."""
-    if request.param == "xla":
+    """Small tensors are laid out in numpy, larger ones by XLA; params in host memory (CPU) are checked for
+    NaN/inf once loaded, elsewhere their sources are: run a test through each."""
+    if request.param != "numpy":
         monkeypatch.setattr(weights, "SMALL_BYTES", -1)
+    if request.param == "xla-source-check":
+        monkeypatch.setattr(weights, "_params_on_host", lambda: False)
     return request.param
 
 
@@ -153,3 +156,15 @@ def test_load_casts_to_the_asked_dtype(src, dst, layout_path):
     for k, v in to_state_dict(model).items():
         assert v.dtype == dst
         np.testing.assert_array_equal(v, sd[k].astype(dst))
+
+
+@pytest.mark.parametrize("key, index", [("conv.weight", (3, 1, 2, 0)), ("emb.weight", (6, 2))])
+def test_a_value_beyond_the_asked_dtype_is_named(key, index, layout_path):
+    """Finiteness is checked on the loaded params: a float32 value that float16 cannot hold is refused as
+    such, and the same value loaded as float32 is fine."""
+    sd = to_state_dict(_Toy(nnx.Rngs(0)))
+    _poison(sd, key, index, 1e6)
+    abstract = lambda: nnx.eval_shape(lambda: _Toy(nnx.Rngs(1)))  # noqa: E731
+    load_state_dict(abstract(), sd)
+    with pytest.raises(WeightsError, match=f"'{key}' holds NaN or inf values, or values beyond float16"):
+        load_state_dict(abstract(), sd, dtype=jnp.float16)
