@@ -82,35 +82,37 @@ def cmd_erase(args: argparse.Namespace) -> None:
     targets, anchors, preserve, extra = _read_pairs(args)
     method = extra.pop("method", args.method)
     prompts = extra.pop("prompts", None)
-    steps = tqdm(total=5, desc="erase", unit="stage")
-    sd = load_model(args.model)
-    steps.update()
-    shown = targets[:4] + preserve[:2]
-    grid_prompts = [p for c in shown for p in (f"a picture of {c}", f"{c}")][: 2 * len(shown)]
-    kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
-    before = generate(sd, grid_prompts, **kw)
-    steps.update()
-    erased, report = erase(sd, targets, anchors, method=method, preserve=preserve, prompts=prompts, **extra)
-    steps.update()
-    after = generate(erased, grid_prompts, **kw)
-    steps.update()
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        save_pretrained(erased, tmp / "model")
-        report.to_json(tmp / "report.json")
-        report.plot(tmp / "report.png")
-        pairs = np.stack([before, after], axis=1).reshape(-1, *before.shape[1:])
-        save_grid(pairs, tmp / "before_after.png", nrow=2, scale=args.scale, row_labels=grid_prompts)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
+    with tqdm(total=5, desc="erase", unit="stage") as steps:  # closed before any error is printed
+        sd = load_model(args.model)
+        steps.update()
+        # the erasure first: it checks its input, so a bad one fails before any sampling
+        erased, report = erase(
+            sd, targets, anchors, method=method, preserve=preserve, prompts=prompts, **extra
+        )
+        steps.update()
+        shown = targets[:4] + preserve[:2]
+        grid_prompts = [p for c in shown for p in (f"a picture of {c}", f"{c}")][: 2 * len(shown)]
+        kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+        before = generate(sd, grid_prompts, **kw)
+        steps.update()
+        after = generate(erased, grid_prompts, **kw)
+        steps.update()
+        tmp = out.with_name(f".{out.name}.partial")
         if tmp.exists():
             shutil.rmtree(tmp)
-    steps.update()
-    steps.close()
+        try:
+            save_pretrained(erased, tmp / "model")
+            report.to_json(tmp / "report.json")
+            report.plot(tmp / "report.png")
+            pairs = np.stack([before, after], axis=1).reshape(-1, *before.shape[1:])
+            save_grid(pairs, tmp / "before_after.png", nrow=2, scale=args.scale, row_labels=grid_prompts)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        steps.update()
     print(f"wrote {out}/: model/, report.json, report.png, before_after.png (left: before, right: after)")
 
 
@@ -165,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> int:
+    """The console script: ``main`` with compiled programs cached on disk between runs (see compile_cache)."""
+    from jax_erasepro.compile_cache import use_compilation_cache
+
+    use_compilation_cache()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -176,4 +186,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -232,7 +232,7 @@ def test_non_finite_raises(sd):
 
 
 def test_equal_buckets_reuse_the_compiled_program(sd):
-    """Column counts pad to a bucket of 64 and token rows to 8, so these erasures share one program."""
+    """Column counts pad to a multiple of ``COLUMN_BUCKET``, so these two-row erasures share one program."""
     from jax_erasepro.erase import erasepro
 
     _, first = erase(sd, ["red cat", "old tree"], "thing", prompts=["{}"], pad_tokens=3)

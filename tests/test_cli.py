@@ -1,0 +1,75 @@
+"""The ``jax-erasepro`` command line on the tiny random model (no embedded model is installed in tests)."""
+
+import json
+
+import pytest
+
+from jax_erasepro import cli
+
+
+@pytest.fixture(scope="module")
+def erased(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "erase"
+    argv = ["erase", "--target", "zorbly", "--anchor", "star", "--preserve", "quibbet", "--steps", "2"]
+    assert cli.main([*argv, "--scale", "1", "--out", str(out)]) == 0
+    return out
+
+
+def test_erase_writes_model_report_and_grid(erased):
+    assert {p.name for p in erased.iterdir()} == {"model", "report.json", "report.png", "before_after.png"}
+    assert (erased / "model" / "model_index.json").is_file()
+    report = json.loads((erased / "report.json").read_text())
+    assert report["targets"] == ["zorbly"] and report["preserve"] == ["quibbet"]
+    assert max(layer["residual_hard"] for layer in report["layers"]) <= 1e-5
+    assert not list(erased.parent.glob(".*partial"))
+
+
+def test_report_prints_every_edited_weight(erased, capsys):
+    assert cli.main(["report", str(erased)]) == 0
+    out = capsys.readouterr().out
+    layers = json.loads((erased / "report.json").read_text())["layers"]
+    assert "zorbly" in out and all(layer["key"] in out for layer in layers)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--target", "star", "--anchor", "star"], "'star' equals its anchor"),
+        (["--target", "star", "--anchor", "dot", "--method", "esd"], "unknown method 'esd'"),
+        (["--anchor", "star"], "no target concept"),
+        (["--target", "a", "--target", "b", "--anchor", "x", "--anchor", "y", "--anchor", "z"], "2 targets"),
+    ],
+)
+def test_erase_errors_are_one_line_and_write_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["erase", *argv, "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_erase_refuses_a_folder_in_use(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert cli.main(["erase", "--target", "zorbly", "--anchor", "star", "--out", str(tmp_path)]) == 2
+    assert "output folder exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_generate_writes_a_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    argv = ["generate", "--prompt", "a red star", "--prompt", "a blue heart", "--steps", "2", "--scale", "1"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    assert out.is_file() and "2 images" in capsys.readouterr().out
+
+
+def test_report_of_a_missing_folder(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "no report at" in capsys.readouterr().err
+
+
+def test_console_script_turns_the_compilation_cache_on(monkeypatch):
+    calls = []
+    monkeypatch.setattr("jax_erasepro.compile_cache.use_compilation_cache", lambda: calls.append("cache"))
+    monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 0)
+    assert cli.run() == 0
+    assert calls == ["cache", "main"]
