@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 from transformers import CLIPTokenizer
 
 from jax_erasepro.allocator import use_jemalloc
+from jax_erasepro.compile_cache import use_compilation_cache
 from jax_erasepro.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from jax_erasepro.prefetch import prefetched
 from jax_erasepro.shapes.render import make_scenes, render
@@ -395,4 +396,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     use_jemalloc()  # re-executes once under jemalloc where installed: see allocator
+    use_compilation_cache()  # a resumed run does not compile its step again: see compile_cache
     main()

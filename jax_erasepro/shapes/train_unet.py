@@ -19,6 +19,7 @@ from flax import nnx
 from transformers import CLIPTokenizer
 
 from jax_erasepro.allocator import use_jemalloc
+from jax_erasepro.compile_cache import use_compilation_cache
 from jax_erasepro.loading import TEXT_PREFIX, SafetensorsReader
 from jax_erasepro.models.clip import CLIPConfig, CLIPTextModel
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
@@ -237,4 +238,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     use_jemalloc()  # re-executes once under jemalloc where installed: see allocator
+    use_compilation_cache()  # a resumed run does not compile its step again: see compile_cache
     main()

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jax_erasepro.allocator import use_jemalloc
+from jax_erasepro.compile_cache import use_compilation_cache
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jax_erasepro.prefetch import prefetched
 from jax_erasepro.shapes.render import make_batch
@@ -225,4 +226,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     use_jemalloc()  # re-executes once under jemalloc where installed: see allocator
+    use_compilation_cache()  # a resumed run does not compile its step again: see compile_cache
     main()
