@@ -190,8 +190,7 @@ def load_state_dict(
         else:
             buffers[path] = _to_param(jax.device_put(host), leaf, np_dtype, int(stacked))
             staging.release(slot, buffers[path])
-    jax.block_until_ready(list(buffers.values()))
-    for keys_, path, stacked, ok, narrowed in checks:
+    for keys_, path, stacked, ok, narrowed in checks:  # np.asarray waits for a param's layout pass
         ok = _finite_rows(np.asarray(buffers[path]), int(stacked)) if ok is None else ok
         bad = [k for k, good in zip(keys_, np.atleast_1d(ok), strict=True) if not good]
         if bad:
