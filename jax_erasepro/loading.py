@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import struct
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -68,20 +69,30 @@ class FileTensor:
     dtype: np.dtype
     shape: tuple[int, ...]
 
-    def read_into(self, out: np.ndarray) -> None:
-        """Fill the C-contiguous ``out`` (this tensor's shape and dtype) from the file."""
+    def read_into(
+        self, out: np.ndarray, check: Callable[[np.ndarray], bool] | None = None, chunk_bytes: int = 1 << 18
+    ) -> bool:
+        """Fill the C-contiguous ``out`` (this tensor's shape and dtype) from the file. With ``check``, read
+        in pieces of about ``chunk_bytes`` and run it on each piece while that is in cache; returns False at
+        the first piece that fails (True when all pass, or there is no check)."""
         if out.shape != self.shape or out.dtype != self.dtype or not out.flags.c_contiguous:
             raise ValueError(
                 f"need a contiguous {self.dtype} {self.shape} buffer, got {out.dtype} {out.shape}"
             )
-        view = memoryview(out.reshape(-1).view(np.uint8))
+        flat = out.reshape(-1)
+        step = max(1, chunk_bytes // self.dtype.itemsize) if check is not None else max(flat.size, 1)
         with open(self.path, "rb", buffering=0) as f:
-            done = 0
-            while done < len(view):
-                n = os.preadv(f.fileno(), [view[done:]], self.offset + done)
-                if n == 0:
-                    raise WeightsError(f"{self.path}: the file ends inside a tensor (truncated?)")
-                done += n
+            for start in range(0, flat.size, step):
+                piece = flat[start : start + step]
+                view, offset, done = memoryview(piece.view(np.uint8)), self.offset + start * piece.itemsize, 0
+                while done < len(view):
+                    n = os.preadv(f.fileno(), [view[done:]], offset + done)
+                    if n == 0:
+                        raise WeightsError(f"{self.path}: the file ends inside a tensor (truncated?)")
+                    done += n
+                if check is not None and not check(piece):
+                    return False
+        return True
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from collections.abc import Callable, Container, Iterator, Mapping
 from typing import Any
 
@@ -143,11 +142,6 @@ def load_state_dict(
     np_dtype = np.dtype(dtype)
     staging = _Staging()
     buffers: dict[tuple[Any, ...], jax.Array] = {}
-    # On CPU finiteness is checked once everything is laid out, on the params themselves (host memory): run
-    # beside XLA's layout passes it took a core from them and cost ~2x its time on 2-core machines. Elsewhere
-    # the host copy is checked before its buffer is reused (reading params back would cost a transfer).
-    deferred = _params_on_host()
-    checks: list[tuple[list[str], tuple[Any, ...], bool, np.ndarray | None, bool]] = []
     for path, entries in itertools.groupby(param_entries(abstract), key=lambda e: e[0]):
         entries = list(entries)
         leaf, stacked = entries[0][3], entries[0][2] is not None
@@ -161,41 +155,30 @@ def load_state_dict(
                 raise WeightsError(f"{source}: key {key!r} has shape {src.shape}, the config expects {want}")
             sources.append(src)
         shape = (len(sources), *want) if stacked else want
-        keys_ = [key for _, key, _, _ in entries]
         dtype0 = np.dtype(sources[0].dtype)
-        check = check_finite and dtype0.kind == "f"
         same = _layout_is_identity(leaf, len(want)) and dtype0 == np_dtype
+        # NaN/inf survive any float cast; a narrowing cast may also overflow, so the check casts first
+        narrowed = np_dtype.itemsize < dtype0.itemsize
+        check = _finite_check(np_dtype if narrowed else None) if check_finite and dtype0.kind == "f" else None
         # The source is copied once, into a 64-byte aligned host buffer that XLA:CPU adopts without a
         # copy: a param already in its layout and dtype IS that buffer; the others are laid out and cast
         # from a reused staging buffer, by one XLA pass (numpy for small ones: no program per shape).
         slot, host = (None, _aligned_empty(shape, dtype0)) if same else staging.take(shape, dtype0)
-        for n, src in enumerate(sources):
-            out = host[n] if stacked else host
-            if hasattr(src, "read_into") and src.dtype == out.dtype:
-                src.read_into(out)
-            else:
-                np.copyto(out, np.asarray(src))
-        if check:  # NaN/inf survive any float cast; a narrowing cast may also overflow, so that is checked
-            narrowed = np_dtype.itemsize < dtype0.itemsize
-            ok = None if deferred else _finite_rows(host, int(stacked), np_dtype if narrowed else None)
-            checks.append((keys_, path, stacked, ok, narrowed))
+        for n, (src, (_, key, _, _)) in enumerate(zip(sources, entries, strict=True)):
+            if not _fill(host[n] if stacked else host, src, check):
+                beyond = f", or values beyond {np_dtype.name}'s range" if narrowed else ""
+                raise WeightsError(f"{source}: key {key!r} holds NaN or inf values{beyond}")
         if same:
             buffers[path] = jax.device_put(host)
         elif host.nbytes <= SMALL_BYTES:
             param = _aligned_empty(tuple(target.shape), np_dtype)
             perm = _layout_perm(leaf, len(want), int(stacked))
-            with np.errstate(over="ignore"):  # an overflowing cast is reported by the finiteness check
+            with np.errstate(over="ignore"):  # an overflowing cast was refused by the check above
                 np.copyto(param, host if perm is None else host.transpose(perm))
             buffers[path] = jax.device_put(param)
         else:
             buffers[path] = _to_param(jax.device_put(host), leaf, np_dtype, int(stacked))
             staging.release(slot, buffers[path])
-    for keys_, path, stacked, ok, narrowed in checks:  # np.asarray waits for a param's layout pass
-        ok = _finite_rows(np.asarray(buffers[path]), int(stacked)) if ok is None else ok
-        bad = [k for k, good in zip(keys_, np.atleast_1d(ok), strict=True) if not good]
-        if bad:
-            beyond = f", or values beyond {np_dtype.name}'s range" if narrowed else ""
-            raise WeightsError(f"{source}: key {bad[0]!r} holds NaN or inf values{beyond}")
     new = {path: var.replace(buffers[path]) if path in buffers else var for path, var in flat.items()}
     return nnx.merge(graphdef, nnx.from_flat_state(new))
 
@@ -271,26 +254,37 @@ def _all_finite(x: np.ndarray) -> bool:
     return int(np.bitwise_and(x.view(np.uint16), 0x7FFF).max(initial=0)) < inf_bits
 
 
-def _finite_rows(
-    host: np.ndarray, batch: int, cast: np.dtype | None = None, chunk: int = 1 << 18
-) -> np.ndarray:
-    """Whether each of the leading ``batch`` entries of ``host`` (or all of it) holds only finite values, once
-    cast to ``cast`` if given; checked in chunks so the temporaries stay small and cache-resident."""
+CHUNK_BYTES = 1 << 20  # a source is copied and checked in pieces this size, each checked while in cache
 
-    def finite(x: np.ndarray) -> bool:
+
+def _finite_check(cast: np.dtype | None) -> Callable[[np.ndarray], bool]:
+    """Whether a piece holds only finite values, once cast to ``cast`` if given."""
+
+    def check(x: np.ndarray) -> bool:
         if cast is not None:
             with np.errstate(over="ignore"):
                 x = x.astype(cast)
         return _all_finite(x)
 
-    rows = host.reshape(math.prod(host.shape[:batch]), -1)
-    ok = np.array([all(finite(r[i : i + chunk]) for i in range(0, r.size, chunk)) for r in rows], bool)
-    return ok.reshape(host.shape[:batch])
+    return check
 
 
-def _params_on_host() -> bool:
-    """Whether loaded params live in host memory (the CPU backend), where numpy can read them in place."""
-    return jax.default_backend() == "cpu"
+def _fill(out: np.ndarray, src: Any, check: Callable[[np.ndarray], bool] | None) -> bool:
+    """Copy one source tensor into the contiguous ``out`` piece by piece, running ``check`` on each piece
+    just written (still in cache, so checking costs no second pass over memory); False at the first
+    piece that fails. A ``FileTensor`` of ``out``'s dtype reads itself from its file."""
+    if hasattr(src, "read_into") and src.dtype == out.dtype:
+        return src.read_into(out, check, CHUNK_BYTES)
+    src = np.asarray(src)
+    if out.ndim == 0:
+        np.copyto(out, src)
+        return check is None or check(out)
+    step = max(1, CHUNK_BYTES // max(1, out[0].nbytes))
+    for i in range(0, out.shape[0], step):
+        np.copyto(out[i : i + step], src[i : i + step])
+        if check is not None and not check(out[i : i + step]):
+            return False
+    return True
 
 
 class _ShapeOnlyRngs:

@@ -164,6 +164,13 @@ def test_file_tensor_reads_exactly_its_bytes_and_refuses_a_short_file(tmp_path):
         np.testing.assert_array_equal(out, want)
     with pytest.raises(ValueError, match="contiguous"):
         reader.lazy("a").read_into(np.empty((5, 3), np.float16).T)
+    seen = []  # with a check, pieces of about chunk_bytes, each checked once, in order
+    out = np.empty_like(tensors["a"])
+    assert reader.lazy("a").read_into(out, lambda p: seen.append(p.copy()) is None, chunk_bytes=8)
+    assert [p.size for p in seen] == [4, 4, 4, 3]
+    np.testing.assert_array_equal(np.concatenate(seen), tensors["a"].reshape(-1))
+    np.testing.assert_array_equal(out, tensors["a"])
+    assert not reader.lazy("a").read_into(out, lambda p: p.size < 4, chunk_bytes=8)  # False at a bad piece
     last = max(tensors, key=lambda k: reader.lazy(k).offset)
     with open(path, "r+b") as f:
         f.truncate(reader.lazy(last).offset + 2)

@@ -10,14 +10,14 @@ from jax_erasepro import weights
 from jax_erasepro.weights import WeightsError, load_state_dict, state_dict_shapes, to_state_dict
 
 
-@pytest.fixture(params=["numpy", "xla", "xla-source-check"])
+@pytest.fixture(params=["numpy", "xla", "xla-small-pieces"])
 def layout_path(request, monkeypatch):
-    """Small tensors are laid out in numpy, larger ones by XLA; params in host memory (CPU) are checked for
-    NaN/inf once loaded, elsewhere their sources are: run a test through each."""
+    """Small tensors are laid out in numpy, larger ones by XLA; sources are copied and checked for NaN/inf in
+    pieces (tiny ones here, so pieces split tensors and rows): run a test through each."""
     if request.param != "numpy":
         monkeypatch.setattr(weights, "SMALL_BYTES", -1)
-    if request.param == "xla-source-check":
-        monkeypatch.setattr(weights, "_params_on_host", lambda: False)
+    if request.param == "xla-small-pieces":
+        monkeypatch.setattr(weights, "CHUNK_BYTES", 8)
     return request.param
 
 
@@ -128,25 +128,27 @@ def test_abstract_model_is_cached_per_config_and_fresh_per_call():
     assert state_dict_shapes(abstract_model(CLIPTextModel, other)) != state_dict_shapes(a)
 
 
-@pytest.mark.parametrize("shape, batch", [((), 0), ((7,), 0), ((6, 5), 0), ((4, 3, 3, 3), 0), ((3, 8, 5), 1)])
+@pytest.mark.parametrize("shape", [(), (7,), (6, 5), (4, 3, 3, 3), (3, 8, 5)])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_finite_rows_matches_numpy(shape, batch, dtype):
-    """The chunked finiteness check (on the bits for 16-bit floats) agrees with numpy wherever one NaN or
-    inf sits, and takes the largest finite values as finite."""
-    from jax_erasepro.weights import _finite_rows
+@pytest.mark.parametrize("chunk", [4, 24, 1 << 18])
+def test_fill_checks_every_piece_like_numpy(shape, dtype, chunk, monkeypatch):
+    """The piecewise copy-and-check (on the bits for 16-bit floats) copies exactly and agrees with numpy
+    wherever one NaN or inf sits, piece boundaries included; the largest finite values are finite."""
+    from jax_erasepro.weights import _fill, _finite_check
 
+    monkeypatch.setattr(weights, "CHUNK_BYTES", chunk)
     x = np.random.default_rng(0).normal(size=shape).astype(jnp.dtype(dtype))
     if x.size:
         x.reshape(-1)[0] = jnp.finfo(x.dtype).max
-    np.testing.assert_array_equal(
-        _finite_rows(x, batch), np.all(np.isfinite(x.reshape(*shape[:batch], -1)), -1)
-    )
+    out = np.empty_like(x)
+    assert _fill(out, x, _finite_check(None))
+    np.testing.assert_array_equal(out, x)
     for i in range(0, max(x.size, 1), 5):
         for bad in (np.nan, np.inf, -np.inf):
             y = x.copy()
             y.reshape(-1)[i] = bad
-            want = np.all(np.isfinite(y.reshape(*shape[:batch], -1)), -1)
-            np.testing.assert_array_equal(_finite_rows(y, batch), want)
+            assert not _fill(np.empty_like(y), y, _finite_check(None))
+            assert _fill(np.empty_like(y), y, None)  # no check: copies anything
 
 
 @pytest.mark.parametrize("src, dst", [(np.float16, np.float32), (np.float32, np.float16)])
@@ -160,8 +162,8 @@ def test_load_casts_to_the_asked_dtype(src, dst, layout_path):
 
 @pytest.mark.parametrize("key, index", [("conv.weight", (3, 1, 2, 0)), ("emb.weight", (6, 2))])
 def test_a_value_beyond_the_asked_dtype_is_named(key, index, layout_path):
-    """Finiteness is checked on the loaded params: a float32 value that float16 cannot hold is refused as
-    such, and the same value loaded as float32 is fine."""
+    """Finiteness is checked after the cast: a float32 value that float16 cannot hold is refused as such,
+    and the same value loaded as float32 is fine."""
     sd = to_state_dict(_Toy(nnx.Rngs(0)))
     _poison(sd, key, index, 1e6)
     abstract = lambda: nnx.eval_shape(lambda: _Toy(nnx.Rngs(1)))  # noqa: E731
