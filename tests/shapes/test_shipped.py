@@ -12,14 +12,17 @@ from jax_erasepro.shapes import judge as jd
 from tests.conftest import assert_close
 
 
-def _paths():
+def _shipped(where):
     try:
-        return default_model_path(), jd.judge_path()
+        return where()
     except FileNotFoundError:
         return None
 
 
-pytestmark = pytest.mark.skipif(_paths() is None, reason="shapes-sd / shapes-clip not shipped yet")
+MODEL, JUDGE = _shipped(default_model_path), _shipped(jd.judge_path)
+# The judge (shapes-clip) meets its own bar and may ship before shapes-sd does.
+needs_model = pytest.mark.skipif(MODEL is None, reason="shapes-sd not shipped yet")
+needs_judge = pytest.mark.skipif(JUDGE is None, reason="shapes-clip not shipped yet")
 PROMPTS = ["a big red star", "quibbet on the left"]
 
 
@@ -28,14 +31,19 @@ def sd():
     return load_pretrained()
 
 
-def test_budget_and_default(sd):
-    model, judge = _paths()
-    size = sum(f.stat().st_size for root in (model, judge) for f in root.rglob("*") if f.is_file())
-    assert size <= 60e6
-    assert str(sd.source.path) == str(model)
+@pytest.mark.skipif(MODEL is None and JUDGE is None, reason="nothing shipped yet")
+def test_budget():
+    roots = [root for root in (MODEL, JUDGE) if root is not None]
+    assert sum(f.stat().st_size for root in roots for f in root.rglob("*") if f.is_file()) <= 60e6
+
+
+@needs_model
+def test_default(sd):
+    assert str(sd.source.path) == str(MODEL)
     assert sd.config.unet.sample_size * 2 ** (len(sd.config.vae.block_out_channels) - 1) == 64
 
 
+@needs_model
 def test_diffusers_draws_the_same_images(sd):
     from diffusers import StableDiffusionPipeline
 
@@ -51,6 +59,7 @@ def test_diffusers_draws_the_same_images(sd):
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 2
 
 
+@needs_judge
 def test_transformers_loads_the_judge():
     from transformers import CLIPModel, CLIPTokenizer
 
@@ -65,6 +74,19 @@ def test_transformers_loads_the_judge():
     assert_close(np.asarray(got), want.numpy())
 
 
+@needs_judge
+def test_judge_smoke_bar():
+    """The shipped judge, zero-shot on 200 fresh one-object renders per attribute: within 0.05 of its bar
+    (the model card gives the full measurement, on 2000)."""
+    from jax_erasepro.shapes.train_clip import zero_shot_accuracy
+
+    judge = jd.load_judge()
+    for attribute, bar in jd.JUDGE_BAR.items():
+        rate = zero_shot_accuracy(judge.model, judge.tokenizer, attribute, n=200, seed=7)
+        assert rate >= bar - 0.05, (attribute, rate)
+
+
+@needs_model
 @pytest.mark.slow
 def test_smoke_quality_bar(sd):
     """A few images per part of the bar (8 each, 50 steps): each rate within 0.15 of the bar."""
