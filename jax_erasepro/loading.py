@@ -31,7 +31,7 @@ from jax_erasepro.pipeline import SDConfig, SourceInfo, StableDiffusion
 from jax_erasepro.safefiles import SAFETENSORS_NAMES, numpy_dtype
 from jax_erasepro.schedulers import SchedulerConfig
 from jax_erasepro.tokenizer import load_tokenizer
-from jax_erasepro.weights import WeightsError, abstract_model, load_state_dict
+from jax_erasepro.weights import CHUNK_BYTES, WeightsError, abstract_model, load_state_dict
 
 TEXT_PREFIX = "text_model."
 PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -70,7 +70,10 @@ class FileTensor:
     shape: tuple[int, ...]
 
     def read_into(
-        self, out: np.ndarray, check: Callable[[np.ndarray], bool] | None = None, chunk_bytes: int = 1 << 18
+        self,
+        out: np.ndarray,
+        check: Callable[[np.ndarray], bool] | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> bool:
         """Fill the C-contiguous ``out`` (this tensor's shape and dtype) from the file. With ``check``, read
         in pieces of about ``chunk_bytes`` and run it on each piece while that is in cache; returns False at

@@ -74,6 +74,18 @@ def test_transformers_loads_the_judge():
     assert_close(np.asarray(got), want.numpy())
 
 
+@needs_judge
+@pytest.mark.slow
+@pytest.mark.parametrize("attribute", sorted(jd.JUDGE_BAR))
+def test_shipped_judge_zero_shot(attribute):
+    """The shipped judge, zero-shot on 300 fresh one-object renders: within 0.02 of its bar."""
+    from jax_erasepro.shapes.train_clip import zero_shot_accuracy
+
+    judge = jd.load_judge()
+    rate = zero_shot_accuracy(judge.model, judge.tokenizer, attribute, n=300, seed=7)
+    assert rate >= jd.JUDGE_BAR[attribute] - 0.02
+
+
 @needs_model
 @pytest.mark.slow
 def test_smoke_quality_bar(sd):
