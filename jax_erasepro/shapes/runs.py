@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,8 +68,9 @@ def prepare_run(
 
 
 def log_line(log: IO[str], step: int, metrics: dict[str, float]) -> None:
-    """Append one JSON line of training metrics (the ``on_log`` of ``training.train``)."""
-    log.write(json.dumps({"step": step, **metrics}) + "\n")
+    """Append one JSON line of training metrics and the wall-clock time (the ``on_log`` of
+    ``training.train``), so a run's log gives its throughput."""
+    log.write(json.dumps({"step": step, **metrics, "time": round(time.time(), 3)}) + "\n")
     log.flush()
 
 
