@@ -20,7 +20,8 @@ args=(--size "$SIZE" --batch-size "${BATCH:-128}" --workers "${WORKERS:-12}" --s
       --vae "$IN/vae" --text-encoder "$IN/text_encoder")
 [ -d "$IN/unet" ] && args+=(--init-from "$IN/unet")
 rm -rf "$RUN" "$RUN-cal"
-python -m jax_erasepro.shapes.train_unet --out "$RUN-cal" --steps 150 "${args[@]}" 2>&1 | tr '\r' '\n' | grep -vE '[0-9]+/[0-9]+ \[' || true
+progress_off() { tr '\r' '\n' | { grep -vE '[0-9]+/[0-9]+ \[' || true; }; }  # drop tqdm's lines, keep errors
+python -m jax_erasepro.shapes.train_unet --out "$RUN-cal" --steps 150 "${args[@]}" 2>&1 | progress_off
 steps=$(python - "$RUN-cal/log.jsonl" "$start" "$MINUTES" "${RESERVE_S:-180}" <<'PY'
 import json, sys, time
 log, start, minutes, reserve = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
@@ -32,7 +33,7 @@ print(f"calibration: {rate:.1f} steps/s, {left:.0f} s left to train", file=sys.s
 PY
 )
 echo "training $steps steps"
-python -m jax_erasepro.shapes.train_unet --out "$RUN" --steps "$steps" "${args[@]}" 2>&1 | tr '\r' '\n' | grep -vE '[0-9]+/[0-9]+ \[' || true
+python -m jax_erasepro.shapes.train_unet --out "$RUN" --steps "$steps" "${args[@]}" 2>&1 | progress_off
 mkdir -p "$OUT"
 cp "$RUN/log.jsonl" "$OUT/log.jsonl"
 cp "$RUN/unet/config.json" "$OUT/unet_config.json"
