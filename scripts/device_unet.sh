@@ -34,18 +34,11 @@ PY
 )
 echo "training $steps steps"
 python -m jax_erasepro.shapes.train_unet --out "$RUN" --steps "$steps" "${args[@]}" 2>&1 | progress_off
-mkdir -p "$OUT"
-cp "$RUN/log.jsonl" "$OUT/log.jsonl"
-cp "$RUN/unet/config.json" "$OUT/unet_config.json"
-python - "$RUN/unet" "$OUT/unet.safetensors" <<'PY'
-import sys
-import numpy as np
-from safetensors.numpy import load_file, save_file
-w = load_file(sys.argv[1] + "/diffusion_pytorch_model.safetensors")
-save_file({k: v.astype(np.float16) for k, v in w.items()}, sys.argv[2], metadata={"format": "pt"})
-PY
-split -b 15M -d "$OUT/unet.safetensors" "$OUT/unet.safetensors.part-" && rm "$OUT/unet.safetensors"
 python -m jax_erasepro.shapes.build --vae "$IN/vae" --unet "$RUN/unet" --text-encoder "$IN/text_encoder" \
   --out "$RUN/shapes-sd"
+mkdir -p "$OUT"
+cp "$RUN/log.jsonl" "$OUT/log.jsonl"
+cp "$RUN/shapes-sd/unet/config.json" "$OUT/unet_config.json"  # the built folder's UNet is already fp16
+split -b 15M -d "$RUN/shapes-sd/unet/diffusion_pytorch_model.safetensors" "$OUT/unet.safetensors.part-"
 python -m jax_erasepro.shapes.judge --model "$RUN/shapes-sd" --n "${JUDGE_N:-50}" --out "$OUT/quality"
 echo "done in $(( $(date +%s) - start )) s"
