@@ -139,3 +139,13 @@ def test_ema_limits():
         np.testing.assert_array_equal(e0, r)  # decay 0: the average is the latest params
         np.testing.assert_array_equal(e1, init)  # decay 1: it never moves
         assert not np.array_equal(r, init)
+
+
+def test_prepare_run_overrides_batch_size_and_lr(tmp_path):
+    """--batch-size and --lr replace the recipe's values; without them the recipe stands."""
+    cfg = TrainConfig(steps=4, batch_size=32, lr=4e-4, ckpt_dir=str(tmp_path / "a"))
+    parser = run_parser(None, steps=4, batch_size=32)
+    got = prepare_run(parser, parser.parse_args(["--out", "x", "--batch-size", "8", "--lr", "2e-4"]), cfg)
+    assert (got.batch_size, got.lr) == (8, 2e-4)
+    cfg = dataclasses.replace(cfg, ckpt_dir=str(tmp_path / "b"))
+    assert prepare_run(parser, parser.parse_args(["--out", "x"]), cfg) == cfg

@@ -28,7 +28,7 @@ def run_parser(
     batch_size: int,
     sizes: tuple[str, ...] = ("small", "tiny"),
 ) -> argparse.ArgumentParser:
-    """The flags every training CLI takes: --out --steps --seed --resume --size --batch-size --workers
+    """The flags every training CLI takes: --out --steps --seed --resume --size --batch-size --lr --workers
     --export-only."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="run folder: checkpoints in OUT/ckpt, exports in OUT")
@@ -37,6 +37,7 @@ def run_parser(
     parser.add_argument("--resume", action="store_true", help="continue the run OUT/ckpt holds")
     parser.add_argument("--size", choices=sizes, default=sizes[0], help="model config (default %(default)s)")
     parser.add_argument("--batch-size", type=int, help=f"override the recipe's {batch_size}")
+    parser.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
     parser.add_argument(
         "--workers", type=int, default=0,
         help="processes that render batches ahead (for accelerators; the same batches for any number)",
@@ -51,10 +52,12 @@ def run_parser(
 def prepare_run(
     parser: argparse.ArgumentParser, args: argparse.Namespace, config: TrainConfig
 ) -> TrainConfig:
-    """Apply --batch-size, refuse to overwrite a run without --resume, create the checkpoint folder;
+    """Apply --batch-size and --lr, refuse to overwrite a run without --resume, create the checkpoint folder;
     with --export-only, stop the run at its last checkpoint."""
     if args.batch_size:
         config = dataclasses.replace(config, batch_size=args.batch_size)
+    if args.lr:
+        config = dataclasses.replace(config, lr=args.lr)
     ckpt = Path(config.ckpt_dir)
     if args.export_only:
         step = latest_step(ckpt)
