@@ -29,7 +29,7 @@ from jax_erasepro.pipeline import StableDiffusion, generate
 from jax_erasepro.shapes.render import make_scenes, render
 from jax_erasepro.shapes.train_clip import ATTRIBUTES, image_label, single_object_scenes, zero_shot_predict
 from jax_erasepro.shapes.train_vae import load_vae, reconstruct
-from jax_erasepro.shapes.world import SIZES, Scene
+from jax_erasepro.shapes.world import SIZES, Scene, is_held_out
 from jax_erasepro.tokenizer import load_tokenizer
 from jax_erasepro.weights import abstract_model, load_state_dict
 
@@ -181,6 +181,34 @@ def score(judge: Judge, probes: Sequence[Probe], images: np.ndarray) -> dict[str
     return out
 
 
+def one_object_breakdown(
+    judge: Judge, probes: Sequence[Probe], images: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """The one-object shape and colour rates apart for seen (shape, colour) pairs and for each held-out
+    pair, then the shape rate by shape: where a UNet fails to compose what it learned apart.
+
+    Returns ``{group: {"n", "shape", "colour"}}``, groups "seen pairs", "held out: <colour> <shape>" and
+    "shape: <shape>"; "colour" is over the probes that name it (absent if none do)."""
+    idx = [i for i, p in enumerate(probes) if p.kind == "one_object" and p.says_shape]
+    objs = [probes[i].scene.objects[0] for i in idx]
+    shape = np.array(judge.classify(images[idx], "shape")) == np.array([o.shape for o in objs])
+    colour = np.array(judge.classify(images[idx], "colour")) == np.array([o.colour for o in objs])
+    said = np.array([probes[i].says_colour for i in idx], bool)
+    groups: dict[str, list[int]] = {}
+    for j, o in enumerate(objs):
+        pair = f"held out: {o.colour} {o.shape}" if is_held_out(o.shape, o.colour) else "seen pairs"
+        groups.setdefault(pair, []).append(j)
+    for j, o in sorted(enumerate(objs), key=lambda t: t[1].shape):
+        groups.setdefault(f"shape: {o.shape}", []).append(j)
+    out = {}
+    for name, js in groups.items():
+        rates = {"n": len(js), "shape": float(shape[js].mean())}
+        if said[js].any():
+            rates["colour"] = float(colour[js][said[js]].mean())
+        out[name] = rates
+    return out
+
+
 # The issue's bar: shape and colour >= 90%, styles and characters >= 80%, both of two objects >= 70%.
 QUALITY_BAR = {
     "one_object_shape": 0.9, "one_object_colour": 0.9, "style": 0.8, "character": 0.8,
@@ -256,13 +284,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "vae_ceiling.json").write_text(json.dumps(rates, indent=2) + "\n")
         return
-    scores, probes, images = evaluate(load_pretrained(args.model), load_judge(args.judge), args.n,
-                                      num_inference_steps=args.steps)
+    judge = load_judge(args.judge)
+    sd = load_pretrained(args.model)
+    scores, probes, images = evaluate(sd, judge, args.n, num_inference_steps=args.steps)
     print(json.dumps(scores, indent=2), "\nmeets the bar:", meets_bar(scores))
+    parts = one_object_breakdown(judge, probes, images)
+    for name, rates in parts.items():
+        print(f"{name:>24}: " + ", ".join(f"{k} {v:.0%}" if k != "n" else f"n {v}" for k, v in rates.items()))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "quality.json").write_text(json.dumps(scores | {"n_per_kind": args.n}, indent=2) + "\n")
+        report = scores | {"n_per_kind": args.n, "one_object_breakdown": parts}
+        (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
         save_grid(images[:64], out / "samples.png", nrow=8, scale=2)
 
 

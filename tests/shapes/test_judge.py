@@ -118,6 +118,29 @@ def test_unnamed_shapes_are_not_scored():
     assert all(right[k] == spoiled[k] == 1.0 for k in keys)
 
 
+def test_breakdown_separates_held_out_pairs():
+    """Each held-out pair is its own group beside the seen pairs; spoiling one pair's images lowers only
+    its group (and its shapes' group)."""
+    probes = [p for p in jd.quality_probes(60, seed=0) if p.kind == "one_object"]
+    images = np.stack([render(p.scene) for p in probes])
+    oracle = Oracle([p.scene for p in probes])
+    parts = jd.one_object_breakdown(oracle, probes, images)
+    named = [p for p in probes if p.says_shape]
+    pairs = {k: v for k, v in parts.items() if not k.startswith("shape: ")}
+    assert sum(v["n"] for v in pairs.values()) == len(named) == sum(
+        v["n"] for k, v in parts.items() if k.startswith("shape: "))
+    assert len(pairs) > 2 and all(v["shape"] == 1.0 and v.get("colour", 1.0) == 1.0 for v in parts.values())
+    held = next(k for k in pairs if k.startswith("held out"))
+    colour, shape = held.removeprefix("held out: ").split()
+    spoiled = images.copy()
+    for i, p in enumerate(probes):
+        if (p.scene.objects[0].colour, p.scene.objects[0].shape) == (colour, shape):
+            spoiled[i] = 0
+    after = jd.one_object_breakdown(oracle, probes, spoiled)
+    lower = {k for k in parts if after[k]["shape"] < 1.0}
+    assert lower == {held, f"shape: {shape}"} and after[held]["shape"] == 0.0
+
+
 def test_vae_ceiling_scores_renders_and_reconstructions_apart():
     """The oracle knows every render and no reconstruction of an untrained VAE: 1 and 0 on every rate."""
     scenes = single_object_scenes(0, 12)
