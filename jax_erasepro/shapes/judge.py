@@ -160,10 +160,12 @@ def score(judge: Judge, probes: Sequence[Probe], images: np.ndarray) -> dict[str
         got = judge.classify(images[idx], attribute)
         return float(np.mean([g == t for g, t in zip(got, truth, strict=True)]))
 
-    if idx := [i for i in by_kind.get("one_object", []) if probes[i].says_shape]:
-        out["one_object_shape"] = rate(idx, "shape", [probes[i].scene.objects[0].shape for i in idx])
-    if said := [i for i in by_kind.get("one_object", []) if probes[i].says_colour]:
-        out["one_object_colour"] = rate(said, "colour", [probes[i].scene.objects[0].colour for i in said])
+    if idx := by_kind.get("one_object"):
+        hits = _one_object_hits(judge, [probes[i] for i in idx], images[idx])
+        if hits["named"].any():
+            out["one_object_shape"] = float(hits["shape"][hits["named"]].mean())
+        if hits["said"].any():
+            out["one_object_colour"] = float(hits["colour"][hits["said"]].mean())
     if idx := by_kind.get("style"):
         out["style"] = rate(idx, "style", [probes[i].scene.style for i in idx])
     if idx := by_kind.get("character"):
@@ -181,6 +183,18 @@ def score(judge: Judge, probes: Sequence[Probe], images: np.ndarray) -> dict[str
     return out
 
 
+def _one_object_hits(judge: Judge, probes: Sequence[Probe], images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per one-object probe: whether the judge names its shape and colour, and whether its caption names
+    them ("named", "said"): the masks each rate is taken over."""
+    objs = [p.scene.objects[0] for p in probes]
+    return {
+        "shape": np.array(judge.classify(images, "shape")) == np.array([o.shape for o in objs]),
+        "colour": np.array(judge.classify(images, "colour")) == np.array([o.colour for o in objs]),
+        "named": np.array([p.says_shape for p in probes], bool),
+        "said": np.array([p.says_colour for p in probes], bool),
+    }
+
+
 def one_object_breakdown(
     judge: Judge, probes: Sequence[Probe], images: np.ndarray
 ) -> dict[str, dict[str, float]]:
@@ -188,12 +202,11 @@ def one_object_breakdown(
     pair, then the shape rate by shape: where a UNet fails to compose what it learned apart.
 
     Returns ``{group: {"n", "shape", "colour"}}``, groups "seen pairs", "held out: <colour> <shape>" and
-    "shape: <shape>"; "colour" is over the probes that name it (absent if none do)."""
+    "shape: <shape>", over the probes that name the shape; "colour" is over those that also name the
+    colour (absent if none do)."""
     idx = [i for i, p in enumerate(probes) if p.kind == "one_object" and p.says_shape]
+    hits = _one_object_hits(judge, [probes[i] for i in idx], images[idx])
     objs = [probes[i].scene.objects[0] for i in idx]
-    shape = np.array(judge.classify(images[idx], "shape")) == np.array([o.shape for o in objs])
-    colour = np.array(judge.classify(images[idx], "colour")) == np.array([o.colour for o in objs])
-    said = np.array([probes[i].says_colour for i in idx], bool)
     groups: dict[str, list[int]] = {}
     for j, o in enumerate(objs):
         pair = f"held out: {o.colour} {o.shape}" if is_held_out(o.shape, o.colour) else "seen pairs"
@@ -202,9 +215,9 @@ def one_object_breakdown(
         groups.setdefault(f"shape: {o.shape}", []).append(j)
     out = {}
     for name, js in groups.items():
-        rates = {"n": len(js), "shape": float(shape[js].mean())}
-        if said[js].any():
-            rates["colour"] = float(colour[js][said[js]].mean())
+        rates = {"n": len(js), "shape": float(hits["shape"][js].mean())}
+        if (said := hits["said"][js]).any():
+            rates["colour"] = float(hits["colour"][js][said].mean())
         out[name] = rates
     return out
 
