@@ -9,6 +9,7 @@ differentiates the UNet alone.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from transformers import CLIPTokenizer
 from jax_erasepro.allocator import use_jemalloc
 from jax_erasepro.compile_cache import use_compilation_cache
 from jax_erasepro.loading import TEXT_PREFIX, SafetensorsReader
-from jax_erasepro.models.clip import CLIPConfig, CLIPTextModel
+from jax_erasepro.models.clip import CLIPConfig, CLIPTextConfig, CLIPTextModel
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jax_erasepro.models.vae import AutoencoderKL
 from jax_erasepro.prefetch import prefetched
@@ -85,15 +86,22 @@ def train_config(out: str | Path, steps: int = 12_000, seed: int = 0) -> TrainCo
 
 
 def load_text_encoder(clip_dir: str | Path) -> CLIPTextModel:
-    """The text tower of a folder ``train_clip.export`` wrote (a transformers CLIPModel)."""
+    """The text tower of a folder ``train_clip.export`` wrote (a transformers CLIPModel), or a diffusers
+    ``text_encoder/`` folder (a CLIPTextModel, keys with or without ``text_model.``) such as shapes-sd's."""
     clip_dir = Path(clip_dir)
-    config = CLIPConfig.from_json(clip_dir / "config.json").text_config
+    path = clip_dir / "config.json"
+    raw = json.loads(path.read_text())
+    if "text_config" in raw:
+        config = CLIPConfig.from_dict(raw, source=str(path)).text_config
+    else:
+        config = CLIPTextConfig.from_dict(raw, source=str(path))
     reader = SafetensorsReader(clip_dir / "model.safetensors")
-    keys = {k[len(TEXT_PREFIX) :] for k in reader.keys if k.startswith(TEXT_PREFIX)}
+    prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in reader.keys) else ""
+    keys = {k[len(prefix) :] for k in reader.keys if k.startswith(prefix)}
     abstract = abstract_model(CLIPTextModel, config)
     # position_ids: a buffer some transformers versions write
     return load_state_dict(
-        abstract, lambda k: reader[TEXT_PREFIX + k], keys, source=str(reader.path),
+        abstract, lambda k: reader[prefix + k], keys, source=str(reader.path),
         ignore=lambda k: k == "embeddings.position_ids",
     )
 

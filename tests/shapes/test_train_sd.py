@@ -93,6 +93,16 @@ def test_exports_round_trip(folders):
     assert tu.load_unet(tu.export(unet, folders / "unet-again")).config == unet.config
 
 
+def test_a_built_folder_rebuilds_byte_identical(folders):
+    """build's own vae/, unet/ and text_encoder/ are valid build inputs and come back byte for byte: frozen
+    parts committed in shapes-sd's form cost git nothing more when shapes-sd ships them."""
+    sd = folders / "sd"
+    again = sb.build(sd / "vae", sd / "unet", sd / "text_encoder", folders / "sd-again")
+    for comp in ("vae", "unet", "text_encoder"):
+        for f in sorted((sd / comp).iterdir()):
+            assert (again / comp / f.name).read_bytes() == f.read_bytes(), f"{comp}/{f.name}"
+
+
 def test_psnr_of_a_perfect_and_a_constant_reconstruction():
     images = tv.make_batch(0, 8, "test")[0]
     assert tv.psnr_of(images, images) == np.inf
