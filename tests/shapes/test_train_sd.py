@@ -94,8 +94,8 @@ def test_exports_round_trip(folders):
 
 
 def test_a_built_folder_rebuilds_byte_identical(folders):
-    """build's own vae/, unet/ and text_encoder/ are valid build inputs and come back byte for byte: frozen
-    parts committed in shapes-sd's form cost git nothing more when shapes-sd ships them."""
+    """build's own vae/, unet/ and text_encoder/ are valid build inputs and come back byte for byte, so a
+    shipped shapes-sd can be rebuilt around a retrained UNet without touching its frozen files."""
     sd = folders / "sd"
     again = sb.build(sd / "vae", sd / "unet", sd / "text_encoder", folders / "sd-again")
     for comp in ("vae", "unet", "text_encoder"):
