@@ -222,6 +222,29 @@ def one_object_breakdown(
     return out
 
 
+def style_breakdown(
+    judge: Judge, probes: Sequence[Probe], images: np.ndarray
+) -> dict[str, dict[str, float | str]]:
+    """The style rate for each painter, and what the judge most often saw instead: which rendering
+    manners a UNet fails to draw (fine textures such as dots or checks can collapse into another).
+
+    Returns ``{"style: <painter>": {"n", "style", "mistaken for"}}`` over the style probes; "mistaken for"
+    is absent when every image is right."""
+    idx = [i for i, p in enumerate(probes) if p.kind == "style"]
+    if not idx:
+        return {}
+    truth = [probes[i].scene.style for i in idx]
+    got = judge.classify(images[idx], "style")
+    out: dict[str, dict[str, float | str]] = {}
+    for style in sorted(set(truth)):
+        mine = [g for g, t in zip(got, truth, strict=True) if t == style]
+        rates: dict[str, float | str] = {"n": len(mine), "style": float(np.mean([g == style for g in mine]))}
+        if wrong := [g for g in mine if g != style]:
+            rates["mistaken for"] = max(sorted(set(wrong)), key=wrong.count)
+        out[f"style: {style}"] = rates
+    return out
+
+
 # The issue's bar: shape and colour >= 90%, styles and characters >= 80%, both of two objects >= 70%.
 QUALITY_BAR = {
     "one_object_shape": 0.9, "one_object_colour": 0.9, "style": 0.8, "character": 0.8,
@@ -278,6 +301,10 @@ def vae_ceiling(
     return out
 
 
+def _show(key: str, value: float | str) -> str:
+    return f"{key} {value}" if key == "n" or isinstance(value, str) else f"{key} {value:.0%}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: measure a shapes-sd folder against the quality bar with a judge; print and write the rates."""
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -302,12 +329,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     scores, probes, images = evaluate(sd, judge, args.n, num_inference_steps=args.steps)
     print(json.dumps(scores, indent=2), "\nmeets the bar:", meets_bar(scores))
     parts = one_object_breakdown(judge, probes, images)
-    for name, rates in parts.items():
-        print(f"{name:>24}: " + ", ".join(f"{k} {v:.0%}" if k != "n" else f"n {v}" for k, v in rates.items()))
+    styles = style_breakdown(judge, probes, images)
+    for name, rates in (parts | styles).items():
+        print(f"{name:>24}: " + ", ".join(_show(k, v) for k, v in rates.items()))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        report = scores | {"n_per_kind": args.n, "one_object_breakdown": parts}
+        report = scores | {"n_per_kind": args.n, "one_object_breakdown": parts, "style_breakdown": styles}
         (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
         save_grid(images[:64], out / "samples.png", nrow=8, scale=2)
 

@@ -141,6 +141,26 @@ def test_breakdown_separates_held_out_pairs():
     assert lower == {held, f"shape: {shape}"} and after[held]["shape"] == 0.0
 
 
+def test_style_breakdown_names_each_painter_and_what_replaced_it():
+    """Each painter gets its own rate; drawing one painter's probes in another's manner lowers only its
+    rate, to 0, and names the other painter."""
+    probes = [p for p in jd.quality_probes(40, seed=0) if p.kind == "style"]
+    scenes = [p.scene for p in probes]
+    painters = sorted({s.style for s in scenes})
+    victim, thief = painters[0], painters[1]
+    drawn = [dataclasses.replace(s, style=thief) if s.style == victim else s for s in scenes]
+    oracle = Oracle(scenes + drawn)
+    right = jd.style_breakdown(oracle, probes, np.stack([render(s) for s in scenes]))
+    assert set(right) == {f"style: {p}" for p in painters}
+    assert sum(v["n"] for v in right.values()) == len(probes)
+    assert all(v["style"] == 1.0 and "mistaken for" not in v for v in right.values())
+    after = jd.style_breakdown(oracle, probes, np.stack([render(s) for s in drawn]))
+    key = f"style: {victim}"
+    assert after[key] == {"n": right[key]["n"], "style": 0.0, "mistaken for": thief}
+    assert all(after[k] == v for k, v in right.items() if k != key)
+    assert jd.style_breakdown(oracle, [], np.zeros((0, 64, 64, 3))) == {}
+
+
 def test_vae_ceiling_scores_renders_and_reconstructions_apart():
     """The oracle knows every render and no reconstruction of an untrained VAE: 1 and 0 on every rate."""
     scenes = single_object_scenes(0, 12)
