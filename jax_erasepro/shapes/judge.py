@@ -29,7 +29,7 @@ from jax_erasepro.pipeline import StableDiffusion, generate
 from jax_erasepro.shapes.render import make_scenes, render
 from jax_erasepro.shapes.train_clip import ATTRIBUTES, image_label, single_object_scenes, zero_shot_predict
 from jax_erasepro.shapes.train_vae import load_vae, reconstruct
-from jax_erasepro.shapes.world import SIZES, Scene, is_held_out
+from jax_erasepro.shapes.world import SIZES, STYLES, Scene, is_held_out
 from jax_erasepro.tokenizer import load_tokenizer
 from jax_erasepro.weights import abstract_model, load_state_dict
 
@@ -286,18 +286,20 @@ def vae_ceiling(
     vae: AutoencoderKL, judge: Judge, n: int = 600, seed: int = 0
 ) -> dict[str, dict[str, float]]:
     """The judge's rates on n one-object test renders and on the VAE's reconstructions of them, with shape
-    also by object size: what the VAE lets through caps what any UNet on its latents can score."""
+    also by object size and style by painter: what the VAE lets through caps what any UNet on its latents
+    can score."""
     scenes = single_object_scenes(seed, n)
     images = np.stack([render(s) for s in scenes])
     truth = {a: np.array([image_label(s, a) for s in scenes]) for a in ATTRIBUTES}
     sizes = np.array([s.objects[0].size for s in scenes])
+    styles = np.array([s.style or "" for s in scenes])
     out = {}
     for name, batch in (("renders", images), ("reconstructions", reconstruct(vae, images))):
         right = {a: np.array(judge.classify(batch, a)) == truth[a] for a in ATTRIBUTES}
         rates = {a: float(r.mean()) for a, r in right.items()}
-        out[name] = rates | {
-            f"shape_{z}": float(right["shape"][sizes == z].mean()) for z in SIZES if (sizes == z).any()
-        }
+        by_size = {f"shape_{z}": right["shape"][sizes == z] for z in SIZES}
+        by_painter = {f"style {p}": right["style"][styles == p] for p in STYLES}
+        out[name] = rates | {k: float(r.mean()) for k, r in (by_size | by_painter).items() if r.size}
     return out
 
 

@@ -34,7 +34,7 @@ from jax_erasepro.shapes.train_vae import load_vae, pixels, sample_latents
 from jax_erasepro.tiny import SD_SCHEDULER
 from jax_erasepro.tokenizer import load_tokenizer, tokenize
 from jax_erasepro.training import TrainConfig, train
-from jax_erasepro.weights import abstract_model, load_state_dict, num_params
+from jax_erasepro.weights import abstract_model, load_state_dict, num_params, to_state_dict
 from jax_erasepro.xla_flags import use_training_flags
 
 SCHEDULER = SchedulerConfig.from_dict({"_class_name": "PNDMScheduler", **SD_SCHEDULER})
@@ -48,7 +48,9 @@ def unet_config(size: str = "small", cross_attention_dim: int = 128) -> UNet2DCo
     """SD v1's block layout: ``small`` on 8x8 latents (8 -> 4 -> 2, ~8.8M params), ``f4`` on the factor-4
     VAE's 16x16 latents (a narrow 16x16 level in front, 16 -> 8 -> 4 -> 2, without attention there: 256-token
     attention at width 32 doubled the step time on the CPU), ``f4a`` (wider, attention at 16x16 too, ~11.4M
-    params: for GPU training) or ``tiny`` (laid out as ``f4``) for tests.
+    params: for GPU training), ``f4t`` (``f4`` with cross-attention at 16x16 as well, so the text reaches the
+    level where textures are drawn; grown from an ``f4`` UNet by ``grow_unet``) or ``tiny`` (laid out as
+    ``f4``) for tests.
 
     ``cross_attention_dim`` is the text encoder's width (128 for train_clip's small CLIP).
     """
@@ -56,6 +58,7 @@ def unet_config(size: str = "small", cross_attention_dim: int = 128) -> UNet2DCo
         "small": ((64, 128, 192), 4, 32, 8, True),
         "f4": ((32, 64, 128, 192), 4, 16, 16, False),
         "f4a": ((48, 96, 160, 192), 4, 16, 16, True),
+        "f4t": ((32, 64, 128, 192), 4, 16, 16, True),
         "tiny": ((8, 16, 32), 2, 8, 16, False),
     }[size]
     attn = (top_attn,) + (True,) * (len(chans) - 2) + (False,)  # cross-attention per level, top first
@@ -202,6 +205,28 @@ def diffusion_loss(
     return loss, {"latent_std": jnp.std(x0)}
 
 
+def grow_unet(
+    small: UNet2DConditionModel, config: UNet2DConditionConfig, seed: int = 0
+) -> UNet2DConditionModel:
+    """``small``'s weights in a UNet of ``config`` that has the same blocks plus new cross-attention ones.
+
+    The new transformer blocks are freshly initialised but start with ``proj_out`` zeroed: each adds a
+    zero residual, so the grown UNet computes ``small``'s function exactly and training starts from it
+    (ControlNet's zero-init). Raises ValueError when ``small`` is not a part of ``config``'s layout.
+    """
+    old = to_state_dict(small)
+    new = to_state_dict(UNet2DConditionModel(config, rngs=nnx.Rngs(seed)))
+    if missing := sorted(old.keys() - new.keys()):
+        raise ValueError(f"cannot grow: {missing[0]} ({len(missing)} keys) has no place in the new UNet")
+    if bad := [k for k in old if old[k].shape != new[k].shape]:
+        raise ValueError(f"cannot grow: {bad[0]} is {old[bad[0]].shape}, the new UNet's {new[bad[0]].shape}")
+    added = new.keys() - old.keys()
+    if outside := sorted(k for k in added if ".attentions." not in k):
+        raise ValueError(f"cannot grow: {outside[0]} is new but not part of a new attention block")
+    zeroed = {k: np.zeros_like(new[k]) for k in added if ".proj_out." in k}
+    return load_state_dict(abstract_model(UNet2DConditionModel, config), {**new, **zeroed, **old})
+
+
 def export(unet: UNet2DConditionModel, out: str | Path) -> Path:
     """Write a diffusers ``unet/`` folder (config.json, fp32 safetensors)."""
     return export_component(unet, out, "UNet2DConditionModel")
@@ -214,10 +239,14 @@ def load_unet(folder: str | Path) -> UNet2DConditionModel:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: train (or resume) the shapes UNet on the frozen VAE and text encoder, export it to OUT/unet."""
-    parser = run_parser(main.__doc__, steps=12_000, batch_size=64, sizes=("f4", "f4a", "small", "tiny"))
+    sizes = ("f4", "f4a", "f4t", "small", "tiny")
+    parser = run_parser(main.__doc__, steps=12_000, batch_size=64, sizes=sizes)
     parser.add_argument("--vae", required=True, help="the trained VAE's folder (train_vae's OUT/vae)")
     parser.add_argument("--text-encoder", required=True, help="the exported shapes CLIP (train_clip's OUT)")
-    parser.add_argument("--init-from", help="start from this exported unet/ folder instead of random weights")
+    parser.add_argument(
+        "--init-from",
+        help="start from this exported unet/ folder instead of random weights (an f4 UNet grows into f4t)",
+    )
     parser.add_argument(
         "--snr-gamma", type=float,
         help="weight the loss by min(SNR, gamma) / SNR (min-SNR, e.g. 5; default: the plain MSE)",
@@ -230,7 +259,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.init_from:  # a fresh optimizer from these weights (a checkpoint in OUT/ckpt still wins)
         unet = load_unet(args.init_from)
         if unet.config != model_config:
-            parser.error(f"--init-from {args.init_from} is not a UNet of --size {args.size}")
+            try:
+                unet = grow_unet(unet, model_config, args.seed)
+            except ValueError as e:
+                parser.error(f"--init-from {args.init_from} is not a UNet of --size {args.size}: {e}")
     else:
         unet = UNet2DConditionModel(model_config, rngs=nnx.Rngs(args.seed))
     print(f"UNet {args.size}: {num_params(unet) / 1e6:.2f}M params; {config}")

@@ -171,3 +171,6 @@ def test_vae_ceiling_scores_renders_and_reconstructions_apart():
     assert set(rates["reconstructions"].values()) == {0.0}
     sizes = {s.objects[0].size for s in scenes}
     assert {k for k in rates["renders"] if k.startswith("shape_")} == {f"shape_{z}" for z in sizes}
+    painters = {s.style for s in scenes} - {None}
+    assert painters  # 12 scenes at P_STYLE 0.35 hold some painter (seed 0)
+    assert {k for k in rates["renders"] if k.startswith("style ")} == {f"style {p}" for p in painters}

@@ -53,7 +53,7 @@ def folders(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "size, unet_size, factor",
-    [("small", "small", 8), ("f4", "f4", 4), ("f4w", "f4", 4), ("f4w", "f4a", 4)],
+    [("small", "small", 8), ("f4", "f4", 4), ("f4w", "f4", 4), ("f4w", "f4a", 4), ("f4w", "f4t", 4)],
 )
 def test_small_models_fit_the_budget(size, unet_size, factor):
     """shapes-sd's VAE and UNet in fp16 take at most the ~28 MB the two CLIPs leave of 60 MB, and the UNet's
@@ -135,6 +135,37 @@ def test_edge_loss_is_the_decoder_loss_plus_kl():
     np.testing.assert_allclose(float(loss), float(dec) + tv.KL_WEIGHT * float(metrics["kl"]), rtol=1e-6)
     plain, _ = tv.vae_loss(model, batch, key)
     assert float(plain) != float(loss)
+
+
+def test_restyle_redraws_its_share_of_scenes_in_painters_manners():
+    """``--restyle P``: the same scenes, about P of them redrawn by a painter; 0 is the world's own mix."""
+    plain = tv.vae_batches(64, 0)(2)["images"]
+    np.testing.assert_array_equal(tv.vae_batches(64, 0, 0.0)(2)["images"], plain)
+    restyled = tv.vae_batches(64, 0, 0.6)(2)["images"]
+    np.testing.assert_array_equal(tv.vae_batches(64, 0, 0.6)(2)["images"], restyled)
+    changed = (restyled != plain).any(axis=(1, 2, 3)).mean()
+    assert 0.3 < changed < 0.7  # 0.6 redrawn, of which a sixth or more already had that painter
+
+
+def test_vae_init_from_refuses_another_size_and_decoder_from(folders, tmp_path):
+    """The tiny test VAE is not an f4w one; --init-from and --decoder-from exclude each other."""
+    vae = str(folders / "vae")
+    for extra in (["--size", "f4w"], ["--size", "tiny", "--decoder-from", vae], ["--restyle", "2"]):
+        with pytest.raises(SystemExit):
+            tv.main(["--out", str(tmp_path / "run"), "--steps", "1", "--init-from", vae, *extra])
+
+
+def test_vae_init_from_fine_tunes_the_whole_vae(folders, tmp_path):
+    """--init-from starts from the trained weights and moves encoder and decoder; the source is untouched."""
+    source = to_state_dict(tv.load_vae(folders / "vae"))
+    tv.main(["--out", str(tmp_path / "run"), "--size", "tiny", "--steps", "2", "--batch-size", "4",
+             "--eval-n", "8", "--restyle", "0.5", "--init-from", str(folders / "vae")])
+    tuned = to_state_dict(tv.load_vae(tmp_path / "run" / "vae"))
+    again = to_state_dict(tv.load_vae(folders / "vae"))
+    assert again.keys() == source.keys() == tuned.keys()
+    assert all(np.array_equal(again[k], source[k]) for k in source)
+    moved = {k.split(".")[0] for k in source if not np.array_equal(source[k], tuned[k])}
+    assert {"encoder", "decoder"} <= moved
 
 
 def test_caption_dropout_and_batch_determinism():
