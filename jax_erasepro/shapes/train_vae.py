@@ -78,13 +78,12 @@ def pixels(images: np.ndarray | jax.Array) -> jax.Array:
 
 
 def _vae_batch(batch_size: int, seed: int, restyle: float, step: int) -> dict[str, np.ndarray]:
-    if not restyle:
-        return {"images": make_batch(seed * 1_000_000 + step, batch_size, "train")[0]}
     scenes = make_scenes(seed * 1_000_000 + step, batch_size, "train")[0]
-    rng = np.random.default_rng((seed, step, 1))
-    painters = rng.choice(len(STYLES), batch_size)
-    scenes = [dataclasses.replace(s, style=STYLES[k]) if rng.random() < restyle else s
-              for s, k in zip(scenes, painters, strict=True)]
+    if restyle:
+        rng = np.random.default_rng((seed, step, 1))
+        painters = rng.choice(len(STYLES), batch_size)
+        scenes = [dataclasses.replace(s, style=STYLES[k]) if rng.random() < restyle else s
+                  for s, k in zip(scenes, painters, strict=True)]
     return {"images": np.stack([render(s) for s in scenes])}
 
 
@@ -234,12 +233,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.decoder_from:
         model, loss, wrt = load_vae(args.decoder_from), decoder_loss, DECODER
     else:
-        model, wrt = AutoencoderKL(vae_config(args.size), rngs=nnx.Rngs(args.seed)), nnx.Param
+        want, wrt = vae_config(args.size), nnx.Param
         if args.init_from:
             model = load_vae(args.init_from)
-            want = vae_config(args.size)
             if dataclasses.replace(model.config, scaling_factor=want.scaling_factor) != want:
                 parser.error(f"--init-from {args.init_from} is not a VAE of --size {args.size}")
+        else:
+            model = AutoencoderKL(want, rngs=nnx.Rngs(args.seed))
         loss = functools.partial(vae_loss, edges=args.edge_loss)
     print(f"VAE: {num_params(model) / 1e6:.2f}M params; {config}")
     with open(Path(args.out) / "log.jsonl", "a") as log:
