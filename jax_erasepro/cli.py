@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=50)
     gen.add_argument("--guidance", type=float, default=7.5)
-    gen.add_argument("--scheduler", choices=("pndm", "ddim", "ddpm"), default="pndm")
+    gen.add_argument(
+        "--scheduler", choices=("pndm", "ddim", "ddpm"), help="sampler (default: the model's own scheduler)"
+    )
     gen.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG")
     gen.set_defaults(func=cmd_generate)
 

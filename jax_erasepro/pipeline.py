@@ -153,7 +153,7 @@ def generate(
     guidance_scale: float = 7.5,
     height: int | None = None,
     width: int | None = None,
-    scheduler: str = "pndm",
+    scheduler: str | None = None,
     latents: np.ndarray | jax.Array | None = None,
     negative_prompt: Sequence[str] | str | None = None,
     return_latents: bool = False,
@@ -162,11 +162,13 @@ def generate(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Text-to-image sampling -> uint8 (B, H, W, 3).
 
-    ``latents`` takes (B, C, h, w) initial noise in diffusers' NCHW layout, so a run can be matched step
-    for step against diffusers. Guidance follows diffusers: on when ``guidance_scale > 1``, with the
-    unconditional batch built from ``negative_prompt`` (default ""). With a ``mesh`` the prompts are split
-    over its batch axes (padded to a multiple, padding dropped after) and params placed by ``rules``; every
-    host passes the same prompts and gets every image.
+    ``scheduler`` ("pndm", "ddim", "ddpm") overrides the model's own sampler: the class its
+    ``scheduler_config.json`` names, which diffusers' pipeline uses. ``latents`` takes (B, C, h, w) initial
+    noise in diffusers' NCHW layout, so a run can be matched step for step against diffusers. Guidance
+    follows diffusers: on when ``guidance_scale > 1``, with the unconditional batch built from
+    ``negative_prompt`` (default ""). With a ``mesh`` the prompts are split over its batch axes (padded to a
+    multiple, padding dropped after) and params placed by ``rules``; every host passes the same prompts and
+    gets every image.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     batch = len(prompts)

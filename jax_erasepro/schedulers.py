@@ -142,14 +142,16 @@ def _descending_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
 def make_schedule(
     config: SchedulerConfig, kind: str | None, num_inference_steps: int, *, eta: float = 0.0
 ) -> Schedule:
-    """Timesteps and alphas of a ``num_inference_steps`` run; ``kind`` None takes the config's class.
+    """Timesteps and alphas of a ``num_inference_steps`` run; ``kind`` None takes the config's class
+    (PNDM, SD v1's scheduler, where the config names none, as ``saving`` writes it).
 
     ``eta`` is DDIM's stochasticity (0: deterministic DDIM); other kinds require 0.
     """
     if kind is None:
-        if config.class_name not in CLASS_KINDS:
-            raise ConfigError(f"_class_name={config.class_name!r} names no supported scheduler; pass kind")
-        kind = CLASS_KINDS[config.class_name]
+        name = config.class_name or "PNDMScheduler"
+        if name not in CLASS_KINDS:
+            raise ConfigError(f"_class_name={name!r} names no supported scheduler; pass kind")
+        kind = CLASS_KINDS[name]
     if kind not in KINDS:
         raise ValueError(f"unknown scheduler kind {kind!r} (supported: {KINDS})")
     n, t_train = num_inference_steps, config.num_train_timesteps

@@ -1,5 +1,6 @@
 """PNDM/DDIM/DDPM: timesteps and whole jitted lax.scan sampling loops against diffusers' schedulers."""
 
+import dataclasses
 import json
 
 import jax
@@ -186,6 +187,9 @@ def test_sd14_config_round_trip_and_default_kind():
     schedule = make_schedule(cfg, None, 10)
     assert schedule.kind == "pndm" and schedule.init_noise_sigma == 1.0
     assert schedule.timesteps.shape == (11,) and schedule.timesteps.dtype == jnp.int32
+    unnamed = dataclasses.replace(cfg, class_name=None)  # saving writes such a config as PNDMScheduler
+    assert make_schedule(unnamed, None, 10).kind == "pndm"
+    assert make_schedule(dataclasses.replace(cfg, class_name="DDIMScheduler"), None, 10).kind == "ddim"
 
 
 @pytest.mark.parametrize(

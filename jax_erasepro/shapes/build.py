@@ -1,12 +1,15 @@
 """Assemble shapes-sd: the trained VAE and UNet and the CLIP's text tower as one diffusers SD v1 folder.
 
 The folder (fp16 safetensors by default, to fit the size budget) loads in both ``load_pretrained`` and
-diffusers' ``StableDiffusionPipeline.from_pretrained``; its scheduler is SD's PNDM config.
+diffusers' ``StableDiffusionPipeline.from_pretrained``. Its scheduler is SD's (scaled-linear betas, 1000
+steps) as DDIM by default: on shapes-sd, PNDM's fourth-order multistep (PLMS) diverges at guidance 7.5 on
+some prompts (latents past 10 sigma, drawn as stripes) where DDIM's one-step update does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from collections.abc import Sequence
@@ -18,6 +21,7 @@ import numpy as np
 from jax_erasepro import safefiles
 from jax_erasepro.pipeline import SDConfig, StableDiffusion
 from jax_erasepro.saving import save_pretrained
+from jax_erasepro.schedulers import CLASS_KINDS
 from jax_erasepro.shapes.judge import load_clip
 from jax_erasepro.shapes.train_clip import TOKENIZER_DIR
 from jax_erasepro.shapes.train_clip import export as export_clip
@@ -26,17 +30,25 @@ from jax_erasepro.shapes.train_vae import load_vae
 from jax_erasepro.tiny import MODEL_INDEX
 from jax_erasepro.tokenizer import load_tokenizer
 
+SCHEDULER_CLASSES = {kind: name for name, kind in CLASS_KINDS.items()}
 
-def assemble(vae_dir: str | Path, unet_dir: str | Path, clip_dir: str | Path) -> StableDiffusion:
-    """The in-memory model from train_vae's ``vae/``, train_unet's ``unet/`` and train_clip's export."""
+
+def assemble(
+    vae_dir: str | Path, unet_dir: str | Path, clip_dir: str | Path, scheduler: str = "ddim"
+) -> StableDiffusion:
+    """The in-memory model from train_vae's ``vae/``, train_unet's ``unet/`` and train_clip's export, sampling
+    with ``scheduler`` ("pndm", "ddim" or "ddpm") on the training schedule's betas."""
+    if scheduler not in SCHEDULER_CLASSES:
+        raise ValueError(f"unknown scheduler {scheduler!r} (supported: {sorted(SCHEDULER_CLASSES)})")
     vae, unet, text_encoder = load_vae(vae_dir), load_unet(unet_dir), load_text_encoder(clip_dir)
     width = text_encoder.config.hidden_size
     if {unet.config.cross_dim(i) for i in range(len(unet.config.down_block_types))} != {width}:
         raise ValueError(f"{unet_dir}: cross_attention_dim is not the text encoder's width {width}")
     config = SDConfig(text_encoder=text_encoder.config, unet=unet.config, vae=vae.config,
                       model_index=dict(MODEL_INDEX))
+    sampler = dataclasses.replace(SCHEDULER, class_name=SCHEDULER_CLASSES[scheduler])
     return StableDiffusion(text_encoder=text_encoder, unet=unet, vae=vae,
-                           tokenizer=load_tokenizer(TOKENIZER_DIR), scheduler_config=SCHEDULER, config=config)
+                           tokenizer=load_tokenizer(TOKENIZER_DIR), scheduler_config=sampler, config=config)
 
 
 def build(
@@ -47,13 +59,15 @@ def build(
     *,
     dtype: Any = np.float16,
     overwrite: bool = False,
+    scheduler: str = "ddim",
 ) -> Path:
     """Write shapes-sd's diffusers folder to ``out`` (weights in ``dtype``); returns its path.
 
     The text encoder's config asks for float32: transformers otherwise computes in the file's dtype
     while diffusers upcasts the UNet, and a default-dtype pipeline would fail on the mismatch.
     """
-    out = save_pretrained(assemble(vae_dir, unet_dir, clip_dir), out, dtype=dtype, overwrite=overwrite)
+    sd = assemble(vae_dir, unet_dir, clip_dir, scheduler)
+    out = save_pretrained(sd, out, dtype=dtype, overwrite=overwrite)
     config = out / "text_encoder" / "config.json"
     safefiles.write_json(config, json.loads(config.read_text()) | {"dtype": "float32"})
     return out
@@ -87,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--scheduler", choices=sorted(SCHEDULER_CLASSES), default="ddim", help="the folder's sampler"
+    )
     parser.add_argument("--judge", help="train_clip's OUT of the judge run, written to --judge-out")
     parser.add_argument("--judge-out", help="where the judge goes (e.g. jax_erasepro/assets/shapes-clip)")
     args = parser.parse_args(argv)
@@ -95,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.judge:
         judge = build_judge(args.judge, args.judge_out, dtype=np.dtype(args.dtype))
         print(f"wrote {judge}")
-    out = build(args.vae, args.unet, args.text_encoder, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    out = build(args.vae, args.unet, args.text_encoder, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                scheduler=args.scheduler)
     size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
     print(f"wrote {out} ({size / 1e6:.1f} MB of weights)")
 

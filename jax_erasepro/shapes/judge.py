@@ -268,16 +268,21 @@ def evaluate(
     *,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
+    scheduler: str | None = None,
     seed: int = 0,
     batch: int = 50,
 ) -> tuple[dict[str, float], list[Probe], np.ndarray]:
-    """Generate one image per quality probe and score them: (rates, probes, uint8 images)."""
+    """Generate one image per quality probe and score them: (rates, probes, uint8 images).
+
+    ``scheduler`` None samples with the model's own scheduler (its ``scheduler_config.json``), as diffusers
+    does.
+    """
     probes = quality_probes(n_per_kind, seed)
     chunks = []
     for k in tqdm(range(0, len(probes), batch), desc="quality bar", leave=False):
         prompts = [p.prompt for p in probes[k : k + batch]]
         chunks.append(generate(sd, prompts, seed=seed + k, num_inference_steps=num_inference_steps,
-                               guidance_scale=guidance_scale))
+                               guidance_scale=guidance_scale, scheduler=scheduler))
     images = np.concatenate(chunks)
     return score(judge, probes, images), probes, images
 
@@ -314,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--judge", help="a shapes-clip folder (default: the shipped one)")
     parser.add_argument("--n", type=int, default=50, help="prompts per part of the bar")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument(
+        "--scheduler", choices=("pndm", "ddim", "ddpm"), help="sampler (default: the model's own scheduler)"
+    )
     parser.add_argument("--out", help="write the rates (JSON) and an image grid here")
     parser.add_argument(
         "--vae", help="instead: score this VAE folder's reconstructions of --n one-object test renders"
@@ -328,7 +336,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     judge = load_judge(args.judge)
     sd = load_pretrained(args.model)
-    scores, probes, images = evaluate(sd, judge, args.n, num_inference_steps=args.steps)
+    scores, probes, images = evaluate(
+        sd, judge, args.n, num_inference_steps=args.steps, scheduler=args.scheduler
+    )
     print(json.dumps(scores, indent=2), "\nmeets the bar:", meets_bar(scores))
     parts = one_object_breakdown(judge, probes, images)
     styles = style_breakdown(judge, probes, images)

@@ -209,7 +209,7 @@ def ours(folders):
 def test_built_folder_is_fp16_and_loads_in_our_pipeline(folders, ours):
     sd, image = ours
     index = json.loads((folders / "sd" / "model_index.json").read_text())
-    assert index["scheduler"] == ["diffusers", "PNDMScheduler"]
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]  # build's default sampler
     with safe_open(folders / "sd" / "unet" / "diffusion_pytorch_model.safetensors", "np") as f:
         keys = f.keys()
         assert {str(f.get_slice(k).get_dtype()) for k in keys} == {"F16"}
@@ -217,9 +217,26 @@ def test_built_folder_is_fp16_and_loads_in_our_pipeline(folders, ours):
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
 
 
+def test_generate_samples_with_the_folders_scheduler(folders, ours):
+    """generate's default sampler is the folder's, as in diffusers; build --scheduler pndm writes PNDM."""
+    sd, image = ours
+    np.testing.assert_array_equal(generate(sd, PROMPT, latents=LATENTS, scheduler="ddim", **SAMPLING), image)
+    pndm = load_pretrained(sb.build(folders / "vae", folders / "unet", folders / "clip", folders / "sd-pndm",
+                                    scheduler="pndm"))
+    assert pndm.scheduler_config.class_name == "PNDMScheduler"
+    np.testing.assert_array_equal(
+        generate(pndm, PROMPT, latents=LATENTS, **SAMPLING),
+        generate(sd, PROMPT, latents=LATENTS, scheduler="pndm", **SAMPLING),
+    )
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        sb.assemble(folders / "vae", folders / "unet", folders / "clip", scheduler="euler")
+
+
 def test_diffusers_draws_the_same_image(folders, ours):
+    """diffusers loads the folder with its own (DDIM) scheduler and draws what our pipeline draws."""
     pipe = StableDiffusionPipeline.from_pretrained(folders / "sd", safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert pipe.text_encoder.dtype == pipe.unet.dtype == torch.float32  # default dtype: fp16 files upcast
     with torch.no_grad():
         ref = pipe(PROMPT, latents=torch.from_numpy(LATENTS), output_type="np", **SAMPLING).images
