@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from jax_erasepro.pipeline import StableDiffusion
+from jax_erasepro.schedulers import KINDS
 
 
 def load_model(path: str | None) -> StableDiffusion:
@@ -143,9 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=50)
     gen.add_argument("--guidance", type=float, default=7.5)
-    gen.add_argument(
-        "--scheduler", choices=("pndm", "ddim", "ddpm"), help="sampler (default: the model's own scheduler)"
-    )
+    gen.add_argument("--scheduler", choices=KINDS, help="sampler (default: the model's own scheduler)")
     gen.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG")
     gen.set_defaults(func=cmd_generate)
 

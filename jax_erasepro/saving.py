@@ -19,6 +19,7 @@ from jax_erasepro.delta import write_delta
 from jax_erasepro.loading import ORBAX_MARKER, ORBAX_PARAMS
 from jax_erasepro.lora import write_lora
 from jax_erasepro.pipeline import StableDiffusion
+from jax_erasepro.schedulers import DEFAULT_CLASS
 from jax_erasepro.weights import iter_state_dict, state_dict_shapes
 
 FORMATS = ("diffusers", "single_file", "orbax", "delta", "lora")
@@ -42,7 +43,7 @@ def source_dtype(sd: StableDiffusion, comp: str, key: str, override: Any = None)
 
 
 def _model_index(sd: StableDiffusion) -> dict[str, Any]:
-    sched = sd.scheduler_config.class_name or "PNDMScheduler"
+    sched = sd.scheduler_config.class_name or DEFAULT_CLASS
     return {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -60,7 +61,7 @@ def _model_index(sd: StableDiffusion) -> dict[str, Any]:
 def config_files(sd: StableDiffusion) -> dict[str, dict[str, Any]]:
     """Relative path -> JSON of each config file of a diffusers folder, in the form diffusers accepts."""
     version = {"_diffusers_version": DIFFUSERS_VERSION}
-    sched = {"_class_name": "PNDMScheduler", **version, **sd.scheduler_config.to_dict()}
+    sched = {"_class_name": DEFAULT_CLASS, **version, **sd.scheduler_config.to_dict()}
     return {
         "model_index.json": _model_index(sd),
         "unet/config.json": {"_class_name": "UNet2DConditionModel", **version, **sd.config.unet.to_dict()},

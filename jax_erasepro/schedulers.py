@@ -20,6 +20,7 @@ from jax_erasepro.models.config import ConfigError, JsonConfig
 
 KINDS = ("pndm", "ddim", "ddpm")
 CLASS_KINDS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}
+DEFAULT_CLASS = "PNDMScheduler"  # SD v1's: what a config that names no class means, here and in saving
 # diffusers' per-class defaults for keys whose default differs between the classes
 _SET_ALPHA_TO_ONE_DEFAULT = {"pndm": False, "ddim": True}
 
@@ -148,7 +149,7 @@ def make_schedule(
     ``eta`` is DDIM's stochasticity (0: deterministic DDIM); other kinds require 0.
     """
     if kind is None:
-        name = config.class_name or "PNDMScheduler"
+        name = config.class_name or DEFAULT_CLASS
         if name not in CLASS_KINDS:
             raise ConfigError(f"_class_name={name!r} names no supported scheduler; pass kind")
         kind = CLASS_KINDS[name]

@@ -21,7 +21,7 @@ import numpy as np
 from jax_erasepro import safefiles
 from jax_erasepro.pipeline import SDConfig, StableDiffusion
 from jax_erasepro.saving import save_pretrained
-from jax_erasepro.schedulers import CLASS_KINDS
+from jax_erasepro.schedulers import CLASS_KINDS, KINDS
 from jax_erasepro.shapes.judge import load_clip
 from jax_erasepro.shapes.train_clip import TOKENIZER_DIR
 from jax_erasepro.shapes.train_clip import export as export_clip
@@ -39,7 +39,7 @@ def assemble(
     """The in-memory model from train_vae's ``vae/``, train_unet's ``unet/`` and train_clip's export, sampling
     with ``scheduler`` ("pndm", "ddim" or "ddpm") on the training schedule's betas."""
     if scheduler not in SCHEDULER_CLASSES:
-        raise ValueError(f"unknown scheduler {scheduler!r} (supported: {sorted(SCHEDULER_CLASSES)})")
+        raise ValueError(f"unknown scheduler {scheduler!r} (supported: {KINDS})")
     vae, unet, text_encoder = load_vae(vae_dir), load_unet(unet_dir), load_text_encoder(clip_dir)
     width = text_encoder.config.hidden_size
     if {unet.config.cross_dim(i) for i in range(len(unet.config.down_block_types))} != {width}:
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument(
-        "--scheduler", choices=sorted(SCHEDULER_CLASSES), default="ddim", help="the folder's sampler"
+        "--scheduler", choices=KINDS, default="ddim", help="the folder's sampler"
     )
     parser.add_argument("--judge", help="train_clip's OUT of the judge run, written to --judge-out")
     parser.add_argument("--judge-out", help="where the judge goes (e.g. jax_erasepro/assets/shapes-clip)")

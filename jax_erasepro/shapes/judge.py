@@ -26,6 +26,7 @@ from jax_erasepro.loading import SafetensorsReader, load_pretrained
 from jax_erasepro.models.clip import CLIPConfig, CLIPModel
 from jax_erasepro.models.vae import AutoencoderKL
 from jax_erasepro.pipeline import StableDiffusion, generate
+from jax_erasepro.schedulers import KINDS
 from jax_erasepro.shapes.render import make_scenes, render
 from jax_erasepro.shapes.train_clip import ATTRIBUTES, image_label, single_object_scenes, zero_shot_predict
 from jax_erasepro.shapes.train_vae import load_vae, reconstruct
@@ -319,9 +320,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--judge", help="a shapes-clip folder (default: the shipped one)")
     parser.add_argument("--n", type=int, default=50, help="prompts per part of the bar")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument(
-        "--scheduler", choices=("pndm", "ddim", "ddpm"), help="sampler (default: the model's own scheduler)"
-    )
+    parser.add_argument("--scheduler", choices=KINDS, help="sampler (default: the model's own scheduler)")
     parser.add_argument("--out", help="write the rates (JSON) and an image grid here")
     parser.add_argument(
         "--vae", help="instead: score this VAE folder's reconstructions of --n one-object test renders"
