@@ -13,12 +13,15 @@ set -euo pipefail
 RUNS=${1:-runs}
 OUT=${OUT:-$RUNS/shapes-sd}
 
-stage() {  # stage NAME COMMAND...: run (or resume) one trainer into RUNS/NAME unless it finished before
+last_step() { ls "$1/ckpt" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1 || true; }  # the last checkpoint, if any
+train() {  # train OUT COMMAND...: run COMMAND into OUT, resuming from OUT's last checkpoint if it has one
+  local out=$1; shift
+  rm -rf "$out"/ckpt/*.orbax-checkpoint-tmp-* 2>/dev/null || true  # a save cut off mid-write
+  if [ -n "$(last_step "$out")" ]; then "$@" --out "$out" --resume; else "$@" --out "$out"; fi
+}
+stage() {  # stage NAME COMMAND...: train RUNS/NAME unless it finished before
   local out=$RUNS/$1; shift
-  [ -f "$out/.done" ] && return 0
-  rm -rf "$out"/ckpt/*.orbax-checkpoint-tmp-* 2>/dev/null || true
-  if [ -d "$out/ckpt" ] && ls "$out/ckpt" | grep -q '^[0-9]'; then "$@" --out "$out" --resume; else "$@" --out "$out"; fi
-  touch "$out/.done"
+  [ -f "$out/.done" ] || { train "$out" "$@" && touch "$out/.done"; }
 }
 clip=(python -m jax_erasepro.shapes.train_clip --counterfactuals --prompt-supervision)
 vae=(python -m jax_erasepro.shapes.train_vae --size f4w --edge-loss)
@@ -44,12 +47,10 @@ stage shapes-unet14 "${unet[@]}" --size f4t --steps 3500 --seed 4 --lr 2e-4 \
 # 4. (JUDGE=1) the judge, another seed: train split to 1750, then the whole world, then augmented renders
 if [ "${JUDGE:-0}" = 1 ] && [ ! -f "$RUNS/shapes-judge/.done" ]; then
   j=$RUNS/shapes-judge
-  at() { ls "$j/ckpt" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1; }  # the last saved step, if any
-  [ -n "$(at)" ] || "${clip[@]}" --out "$j" --steps 1750 --seed 1
-  for s in 1750 3000 4000 6000 8000 9500; do
-    [ "$(at)" -ge $s ] && continue
+  for s in 1750 3000 4000 6000 8000 9500; do  # each schedule continues the last one's checkpoint
+    at=$(last_step "$j"); [ "${at:-0}" -ge $s ] && continue
     extra=(); [ $s -gt 1750 ] && extra+=(--whole-world-from 1750); [ $s -gt 4000 ] && extra+=(--augment)
-    "${clip[@]}" --out "$j" --steps $s --seed 1 "${extra[@]}" --resume
+    train "$j" "${clip[@]}" --steps $s --seed 1 "${extra[@]}"
   done
   touch "$j/.done"
 fi
