@@ -3,17 +3,30 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jax_erasepro.models.resnet import conv, group_norm
 
-# Queries per block: a (B, heads, 64, M) score block stays in cache, 2-4x faster on CPU than all at once.
-QUERY_CHUNK = 64
-# Up to this many queries attend in one block: padding CLIP's 77 tokens (or a ViT's 65) to two blocks of 64
-# would nearly double the work for no cache benefit.
-WHOLE_MAX = 2 * QUERY_CHUNK
+# Attention runs in blocks of about this many weights (4 MB in float32): a block's scores, weights and, in
+# training, their gradients stay in the CPU's cache between the products and the softmax. Materialising all
+# (B, heads, N, M) weights at once is bandwidth-bound: 2.2x slower gradients at 16x16 (256 tokens).
+BLOCK_WEIGHTS = 1 << 20
+QUERY_CHUNK = 128  # queries per block when one head's whole (N, M) weights exceed BLOCK_WEIGHTS
+
+
+def block_shape(slices: int, n: int, m: int) -> tuple[int, int]:
+    """(head slices, queries) per block of ``slices`` (batch x heads) attention problems of N queries over M
+    keys: all N queries where one slice's weights fit ``BLOCK_WEIGHTS``, else ``QUERY_CHUNK``; then as many
+    slices as fit (a divisor of ``slices``). Off the CPU, one block: accelerators want it all at once."""
+    if jax.default_backend() != "cpu":
+        return slices, n
+    rows = n if n * m <= BLOCK_WEIGHTS else QUERY_CHUNK
+    fit = max(1, BLOCK_WEIGHTS // (rows * m))
+    return max(g for g in range(1, min(fit, slices) + 1) if slices % g == 0), rows
 
 
 def multi_head_attention(
@@ -22,33 +35,114 @@ def multi_head_attention(
     """softmax(q k^T / sqrt(d)) v over ``heads`` heads: (B, N, H*d), (B, M, H*d) -> (B, N, H*d), in float32.
     ``causal``: query i sees keys 0..i only (CLIP's text tower).
 
-    Exact (no online softmax): each block of ``QUERY_CHUNK`` queries sees all keys. Heads lead and keys
-    are transposed once, so both products are plain batched matmuls, and the softmax's division is
-    applied to the (N, d) output rather than the (N, M) weights: ~2x faster than einsums on CPU.
+    Exact softmax in blocks (``block_shape``), with a flash-attention style gradient (``_attention``).
+    Heads join the batch and keys are transposed once, so every product is a plain batched matmul, and the
+    softmax's division is applied to the (N, d) output rather than the (N, M) weights.
     """
     b, n, c = q.shape
-    d = c // heads
-    q = (q * d**-0.5).reshape(b, n, heads, d).transpose(0, 2, 1, 3)  # (B, H, N, d)
-    kt = k.reshape(b, -1, heads, d).transpose(0, 2, 3, 1)  # (B, H, d, M)
-    v = v.reshape(b, -1, heads, d).transpose(0, 2, 1, 3)  # (B, H, M, d)
+    m, d = k.shape[1], c // heads
+    q = (q * d**-0.5).reshape(b, n, heads, d).transpose(0, 2, 1, 3).reshape(b * heads, n, d)
+    kt = k.reshape(b, m, heads, d).transpose(0, 2, 3, 1).reshape(b * heads, d, m)
+    v = v.reshape(b, m, heads, d).transpose(0, 2, 1, 3).reshape(b * heads, m, d)
+    out = _attention(q, kt, v, causal)
+    return out.reshape(b, heads, n, d).transpose(0, 2, 1, 3).reshape(b, n, c)
 
-    def block(qb: jax.Array, start: jax.Array | int = 0) -> jax.Array:
-        scores = qb @ kt
-        if causal:
-            rows = start + jnp.arange(qb.shape[2])[:, None]
-            scores = jnp.where(rows >= jnp.arange(kt.shape[-1]), scores, -jnp.inf)
-        e = jnp.exp(scores - scores.max(-1, keepdims=True))
-        return (e @ v) / e.sum(-1, keepdims=True)
 
-    if n <= WHOLE_MAX:
-        out = block(q)
-    else:
-        pad = -n % QUERY_CHUNK
-        blocks = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, heads, -1, QUERY_CHUNK, d)
-        starts = jnp.arange(blocks.shape[2]) * QUERY_CHUNK
-        out = jax.lax.map(lambda a: block(*a), (jnp.moveaxis(blocks, 2, 0), starts))
-        out = jnp.moveaxis(out, 0, 2).reshape(b, heads, n + pad, d)[:, :, :n]
-    return out.transpose(0, 2, 1, 3).reshape(b, n, c)
+def _swap(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _scores(q: jax.Array, kt: jax.Array, start: jax.Array, causal: bool) -> jax.Array:
+    """q k^T of one block, keys after each query masked to -inf when ``causal``."""
+    s = q @ kt
+    if causal:
+        rows = start + jnp.arange(q.shape[-2])[:, None]
+        s = jnp.where(rows >= jnp.arange(kt.shape[-1]), s, -jnp.inf)
+    return s
+
+
+def _map(f, xs):  # noqa: ANN001, ANN202
+    """``lax.map`` that calls ``f`` directly on a single item (no loop)."""
+    if jax.tree.leaves(xs)[0].shape[0] == 1:
+        return jax.tree.map(lambda y: y[None], f(jax.tree.map(lambda x: x[0], xs)))
+    return jax.lax.map(f, xs)
+
+
+def _blocked(q: jax.Array, kt: jax.Array, v: jax.Array, *extra: jax.Array):  # noqa: ANN202
+    """Blocks of ``block_shape``: query-shaped arrays (q and ``extra``, (S, N, ...)) as (S/g, chunks, g, rows,
+    ...), zero-padded to whole chunks; kt and v as (S/g, g, ...); the chunks' first query indices."""
+    s, n = q.shape[:2]
+    g, rows = block_shape(s, n, kt.shape[-1])
+    chunks = -(-n // rows)
+
+    def split(x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, [(0, 0), (0, chunks * rows - n)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(s // g, g, chunks, rows, *x.shape[2:]), 1, 2)
+
+    def group(x: jax.Array) -> jax.Array:
+        return x.reshape(s // g, g, *x.shape[1:])
+
+    return [split(x) for x in (q, *extra)], group(kt), group(v), jnp.arange(chunks) * rows
+
+
+def _unblocked(x: jax.Array, n: int) -> jax.Array:
+    """Inverse of ``_blocked``'s query split: (S/g, chunks, g, rows, ...) -> (S, N, ...)."""
+    x = jnp.swapaxes(x, 1, 2)
+    return x.reshape(x.shape[0] * x.shape[1], -1, *x.shape[4:])[:, :n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q: jax.Array, kt: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+    """(S, N, d) scaled queries, (S, d, M) keys, (S, M, d) values -> (S, N, d), block by block."""
+    return _attention_fwd(q, kt, v, causal)[0]
+
+
+def _attention_fwd(q: jax.Array, kt: jax.Array, v: jax.Array, causal: bool):  # noqa: ANN202
+    (qb,), ktb, vb, starts = _blocked(q, kt, v)
+
+    def group(a):  # noqa: ANN001, ANN202
+        qg, ktg, vg = a
+
+        def chunk(c):  # noqa: ANN001, ANN202
+            s = _scores(c[0], ktg, c[1], causal)
+            top = s.max(-1, keepdims=True)
+            e = jnp.exp(s - top)
+            total = e.sum(-1, keepdims=True)
+            return (e @ vg) / total, top + jnp.log(total)
+
+        return _map(chunk, (qg, starts))
+
+    out, lse = _map(group, (qb, ktb, vb))
+    out, lse = _unblocked(out, q.shape[1]), _unblocked(lse, q.shape[1])
+    return out, (q, kt, v, out, lse)
+
+
+def _attention_bwd(causal: bool, res, dout: jax.Array):  # noqa: ANN001, ANN202
+    """The softmax gradient from recomputed weights P = exp(s - logsumexp): dV = P^T dO,
+    dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK^T = Q^T dS; key gradients summed over query chunks."""
+    q, kt, v, out, lse = res
+    delta = jnp.sum(dout * out, -1, keepdims=True)
+    (qb, lseb, db, deltab), ktb, vb, starts = _blocked(q, kt, v, lse, dout, delta)
+
+    def group(a):  # noqa: ANN001, ANN202
+        qg, lg, dg, delg, ktg, vg = a
+
+        def chunk(carry, c):  # noqa: ANN001, ANN202
+            dkt, dv = carry
+            qc, lc, dc, delc, start = c
+            p = jnp.exp(_scores(qc, ktg, start, causal) - lc)
+            ds = p * (dc @ _swap(vg) - delc)
+            return (dkt + _swap(qc) @ ds, dv + _swap(p) @ dc), ds @ _swap(ktg)
+
+        zeros = (jnp.zeros_like(ktg), jnp.zeros_like(vg))
+        (dkt, dv), dq = jax.lax.scan(chunk, zeros, (qg, lg, dg, delg, starts))
+        return dq, dkt, dv
+
+    dq, dkt, dv = _map(group, (qb, lseb, db, deltab, ktb, vb))
+    return _unblocked(dq, q.shape[1]), dkt.reshape(kt.shape), dv.reshape(v.shape)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Attention(nnx.Module):
