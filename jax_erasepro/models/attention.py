@@ -13,7 +13,8 @@ from jax_erasepro.models.resnet import conv, group_norm
 
 # Attention runs in blocks of about this many weights (4 MB in float32): a block's scores, weights and, in
 # training, their gradients stay in the CPU's cache between the products and the softmax. Materialising all
-# (B, heads, N, M) weights at once is bandwidth-bound: 2.2x slower gradients at 16x16 (256 tokens).
+# (B, heads, N, M) weights at once and differentiating through them was bandwidth-bound: 2.3x slower
+# gradients at 16x16 (256 tokens, batch 64, benchmarked against torch's SDPA in session 22).
 BLOCK_WEIGHTS = 1 << 20
 QUERY_CHUNK = 128  # queries per block when one head's whole (N, M) weights exceed BLOCK_WEIGHTS
 
