@@ -69,27 +69,23 @@ def _map(f, xs):  # noqa: ANN001, ANN202
     return jax.lax.map(f, xs)
 
 
-def _blocked(q: jax.Array, kt: jax.Array, v: jax.Array, *extra: jax.Array):  # noqa: ANN202
-    """Blocks of ``block_shape``: query-shaped arrays (q and ``extra``, (S, N, ...)) as (S/g, chunks, g, rows,
-    ...), zero-padded to whole chunks; kt and v as (S/g, g, ...); the chunks' first query indices."""
-    s, n = q.shape[:2]
-    g, rows = block_shape(s, n, kt.shape[-1])
+def _split(x: jax.Array, g: int, rows: int) -> jax.Array:
+    """A query-shaped (S, N, ...) array as blocks (S/g, chunks, g, rows, ...), zero-padded to whole chunks."""
+    s, n = x.shape[:2]
     chunks = -(-n // rows)
-
-    def split(x: jax.Array) -> jax.Array:
-        x = jnp.pad(x, [(0, 0), (0, chunks * rows - n)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.swapaxes(x.reshape(s // g, g, chunks, rows, *x.shape[2:]), 1, 2)
-
-    def group(x: jax.Array) -> jax.Array:
-        return x.reshape(s // g, g, *x.shape[1:])
-
-    return [split(x) for x in (q, *extra)], group(kt), group(v), jnp.arange(chunks) * rows
+    x = jnp.pad(x, [(0, 0), (0, chunks * rows - n)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape(s // g, g, chunks, rows, *x.shape[2:]), 1, 2)
 
 
-def _unblocked(x: jax.Array, n: int) -> jax.Array:
-    """Inverse of ``_blocked``'s query split: (S/g, chunks, g, rows, ...) -> (S, N, ...)."""
+def _unsplit(x: jax.Array, n: int) -> jax.Array:
+    """Inverse of ``_split``: (S/g, chunks, g, rows, ...) -> (S, N, ...)."""
     x = jnp.swapaxes(x, 1, 2)
     return x.reshape(x.shape[0] * x.shape[1], -1, *x.shape[4:])[:, :n]
+
+
+def _starts(qb: jax.Array) -> jax.Array:
+    """The first query index of each chunk of blocked queries (S/g, chunks, g, rows, d)."""
+    return jnp.arange(qb.shape[1]) * qb.shape[3]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -99,7 +95,10 @@ def _attention(q: jax.Array, kt: jax.Array, v: jax.Array, causal: bool) -> jax.A
 
 
 def _attention_fwd(q: jax.Array, kt: jax.Array, v: jax.Array, causal: bool):  # noqa: ANN202
-    (qb,), ktb, vb, starts = _blocked(q, kt, v)
+    """The output, and the blocked inputs, output and log-sum-exp that the gradient reuses as they are."""
+    s, n = q.shape[:2]
+    g, rows = block_shape(s, n, kt.shape[-1])
+    qb, ktb, vb = _split(q, g, rows), kt.reshape(s // g, g, *kt.shape[1:]), v.reshape(s // g, g, *v.shape[1:])
 
     def group(a):  # noqa: ANN001, ANN202
         qg, ktg, vg = a
@@ -111,19 +110,18 @@ def _attention_fwd(q: jax.Array, kt: jax.Array, v: jax.Array, causal: bool):  # 
             total = e.sum(-1, keepdims=True)
             return (e @ vg) / total, top + jnp.log(total)
 
-        return _map(chunk, (qg, starts))
+        return _map(chunk, (qg, _starts(qb)))
 
-    out, lse = _map(group, (qb, ktb, vb))
-    out, lse = _unblocked(out, q.shape[1]), _unblocked(lse, q.shape[1])
-    return out, (q, kt, v, out, lse)
+    outb, lseb = _map(group, (qb, ktb, vb))
+    return _unsplit(outb, n), (qb, ktb, vb, outb, lseb)
 
 
 def _attention_bwd(causal: bool, res, dout: jax.Array):  # noqa: ANN001, ANN202
     """The softmax gradient from recomputed weights P = exp(s - logsumexp): dV = P^T dO,
     dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK^T = Q^T dS; key gradients summed over query chunks."""
-    q, kt, v, out, lse = res
-    delta = jnp.sum(dout * out, -1, keepdims=True)
-    (qb, lseb, db, deltab), ktb, vb, starts = _blocked(q, kt, v, lse, dout, delta)
+    qb, ktb, vb, outb, lseb = res
+    db = _split(dout, qb.shape[2], qb.shape[3])
+    deltab = jnp.sum(db * outb, -1, keepdims=True)
 
     def group(a):  # noqa: ANN001, ANN202
         qg, lg, dg, delg, ktg, vg = a
@@ -136,11 +134,12 @@ def _attention_bwd(causal: bool, res, dout: jax.Array):  # noqa: ANN001, ANN202
             return (dkt + _swap(qc) @ ds, dv + _swap(p) @ dc), ds @ _swap(ktg)
 
         zeros = (jnp.zeros_like(ktg), jnp.zeros_like(vg))
-        (dkt, dv), dq = jax.lax.scan(chunk, zeros, (qg, lg, dg, delg, starts))
+        (dkt, dv), dq = jax.lax.scan(chunk, zeros, (qg, lg, dg, delg, _starts(qb)))
         return dq, dkt, dv
 
     dq, dkt, dv = _map(group, (qb, lseb, db, deltab, ktb, vb))
-    return _unblocked(dq, q.shape[1]), dkt.reshape(kt.shape), dv.reshape(v.shape)
+    # key and value gradients: (S/g, g, ...) -> (S, ...)
+    return _unsplit(dq, dout.shape[1]), dkt.reshape(-1, *dkt.shape[2:]), dv.reshape(-1, *dv.shape[2:])
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -193,7 +192,7 @@ class GEGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Two products on the kernel's halves rather than one split afterwards: the split copies both halves
-        # out of the product (1.2-2.5x slower feed-forward on the CPU).
+        # out of the product (1.1-2.5x slower feed-forward on the CPU).
         kernel, bias = self.proj.kernel[...], self.proj.bias[...]
         half = kernel.shape[-1] // 2
         value = x @ kernel[:, :half] + bias[:half]
