@@ -29,19 +29,24 @@ def save_grid(
     nrow: int | None = None,
     scale: int = 1,
     row_labels: Sequence[str] | None = None,
+    column_labels: Sequence[str] | None = None,
 ) -> Path:
-    """Write a PNG grid (optionally upscaled ``scale``x, with a text label left of each row)."""
+    """Write a PNG grid (optionally upscaled ``scale``x, with a text label left of each row and above each
+    column)."""
     grid = Image.fromarray(make_grid(np.asarray(images, np.uint8), nrow))
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    if row_labels:
-        margin = 8 + 7 * max(len(s) for s in row_labels)
-        canvas = Image.new("RGB", (grid.width + margin, grid.height), "white")
-        canvas.paste(grid, (margin, 0))
+    margin = 8 + 7 * max(len(s) for s in row_labels) if row_labels else 0
+    top = 14 if column_labels else 0
+    if margin or top:
+        canvas = Image.new("RGB", (grid.width + margin, grid.height + top), "white")
+        canvas.paste(grid, (margin, top))
         draw = ImageDraw.Draw(canvas)
-        step = grid.height / len(row_labels)
-        for i, label in enumerate(row_labels):
-            draw.text((4, int(i * step + step / 2) - 5), label, fill="black")
+        for i, label in enumerate(row_labels or ()):
+            step = grid.height / len(row_labels)
+            draw.text((4, top + int(i * step + step / 2) - 5), label, fill="black")
+        for i, label in enumerate(column_labels or ()):
+            draw.text((margin + int(i * grid.width / len(column_labels)) + 4, 1), label, fill="black")
         grid = canvas
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +54,9 @@ def save_grid(
     os.close(fd)
     try:
         grid.save(tmp, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp's is 0600)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
