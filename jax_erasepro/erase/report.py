@@ -33,9 +33,19 @@ class EraseReport:
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
-    def max_residual(self, stage: str | None = None, field: str = "residual_hard") -> float:
-        """The largest ``field`` over the edited weights (of one ``stage`` if given)."""
-        return max((e[field] for e in self.layers if stage in (None, e["stage"])), default=0.0)
+    def max_residual(self, stage: str | None = None, field: str | None = None) -> float:
+        """The largest ``field`` over the edited weights (of one ``stage`` if given); 0.0 when none.
+
+        ``field=None`` takes, per entry, ``residual_hard`` (ErasePro: the columns it holds exactly) where the
+        entry has it, else ``residual_after`` (UCE: its soft residual on the target columns).
+        """
+        entries = [e for e in self.layers if stage in (None, e["stage"])]
+        if field is None:
+            return max((e.get("residual_hard", e["residual_after"]) for e in entries), default=0.0)
+        missing = [e["key"] for e in entries if field not in e]
+        if missing:
+            raise KeyError(f"{self.method} report has no {field!r} for {missing[0]} ({len(missing)} entries)")
+        return max((e[field] for e in entries), default=0.0)
 
     def plot(self, path: str | Path) -> None:
         """PNG: per edited weight, residual before/after and relative change (log scale), matplotlib Agg."""

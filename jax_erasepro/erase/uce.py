@@ -1,13 +1,29 @@
 """UCE (Gandikota et al. 2023): the closed-form ridge edit of the U-Net's cross-attention to_k/to_v.
 
-``variant="2023"`` follows the official ``train-scripts/train_erase.py`` (``technique='replace'``): for each
-(target prompt, anchor prompt) the ORIGINAL encoder's states from each prompt's last concept token
-(``attention_mask.sum() - 2``; BOS for an empty anchor) to the end, both cut to the length of the shorter
-slice (the script's ``farthest`` trim), as X and Y; retained prompts ``[''] + preserve`` with all T positions
-as P; lam 0.5, erase scale 1, preserve scale ``max(0.1, 1 / len(retain))``. Repeated columns are NOT
-deduplicated: the script sums them, and in a ridge solve a repeat is a weight.
-``variant="2025"`` is the rewrite ``trainscripts/uce_sd_erase.py``: one column per prompt (its last concept
-token), P from the preserved prompts only, preserve scale 1.
+W = (lam W_o + s_e sum W_o y x^T + s_p sum W_o p p^T)(lam I + s_e sum x x^T + s_p sum p p^T)^-1 over columns
+of the ORIGINAL text encoder's states; repeated columns are NOT deduplicated (the scripts sum them, and in a
+ridge solve a repeat is a weight).
+
+``variant`` picks the script whose columns and scales are reproduced:
+
+- ``"2023"``: ``train-scripts/train_erase.py`` (``edit_model``, ``technique='replace'``). Per (target text,
+  anchor text), each text's states from its last concept token (``attention_mask.sum() - 2``; BOS for an
+  empty text) to the end, both cut to the length of the shorter slice (the script's ``farthest`` trim), as
+  x and y; every position of each retained text as p; lam 0.5, erase scale 1, preserve scale
+  ``max(0.1, 1 / (1 + len(preserve)))``.
+- ``"2025"``: ``trainscripts/uce_sd_erase.py``: one column per text (its last concept token), no empty
+  prompt among the retained texts, preserve scale 1.
+
+``pairing`` says how the texts are built from the concepts and the templates in ``prompts``:
+
+- ``"script"`` (default): as each script's ``__main__`` builds them. Target texts are the target itself, then
+  each template filled with it (a template ``"{}"`` is skipped: the target itself is already there). 2023
+  pairs every one of them with the raw anchor and retains ``""`` and the raw preserved concepts; 2025 fills
+  the anchor into the same template as its target and retains the raw preserved concepts.
+- ``"template"``: every template filled with target and anchor alike, and with each retained concept (``""``
+  included for 2023); the concept alone only where ``"{}"`` is among the templates.
+
+With ``prompts=None`` (the template ``"{}"``) both pairings give the same texts.
 """
 
 from __future__ import annotations
@@ -28,44 +44,61 @@ from jax_erasepro.erase.solvers import uce_solve
 from jax_erasepro.pipeline import StableDiffusion, encode_tokens
 
 VARIANTS = ("2023", "2025")
+PAIRINGS = ("script", "template")
 
 
-def uce_columns(
-    tokenizer,
+Text = tuple[str, str]  # (template, concept): the prompt is the template filled with the concept
+
+
+def uce_texts(
     targets: Sequence[str],
     anchors: Sequence[str],
     preserve: Sequence[str],
     templates: Sequence[str],
     variant: str,
+    pairing: str,
+) -> tuple[list[tuple[Text, Text]], list[Text]]:
+    """(target text, anchor text) pairs and retained texts, as ``pairing`` builds them (module docstring)."""
+    retain = ([""] if variant == "2023" else []) + list(preserve)
+    concepts = list(zip(targets, anchors, strict=True))
+    if pairing == "template":
+        edits = [((f, t), (f, a)) for f in templates for t, a in concepts]
+        return edits, [(f, c) for f in templates for c in retain]
+    fills = ["{}"] + [f for f in templates if f != "{}"]
+    edits = [((f, t), ("{}" if variant == "2023" else f, a)) for t, a in concepts for f in fills]
+    return edits, [("{}", c) for c in retain]
+
+
+def uce_columns(
+    tokenizer,
+    edits: Sequence[tuple[Text, Text]],
+    retained: Sequence[Text],
+    variant: str,
     max_length: int = 77,
 ) -> tuple[np.ndarray, list, list, list, list[dict]]:
-    """Token rows and (row, position) lists for X, Y and P, as the chosen script builds them."""
+    """Token rows and (row, position) lists for X, Y and P, selected as the chosen script selects them."""
     rows: dict[tuple[int, ...], int] = {}
     x, y, p, pairs = [], [], [], []
 
     def row(ids: tuple[int, ...]) -> int:
         return rows.setdefault(ids, len(rows))
 
-    for template in templates:
-        for target, anchor in zip(targets, anchors, strict=True):
-            t = prompt_tokens(tokenizer, template, target, max_length)
-            a = prompt_tokens(tokenizer, template, anchor, max_length)
-            ft, fa = t.eos - 1, a.eos - 1  # the script's attention_mask.sum() - 2
-            if variant == "2023":
-                far = max(ft, fa)
-                pos_t = range(ft, max_length - (far - ft))
-                pos_a = range(fa, max_length - (far - fa))
-            else:
-                pos_t, pos_a = [ft], [fa]
-            x += [(row(t.ids), q) for q in pos_t]
-            y += [(row(a.ids), q) for q in pos_a]
-            pairs.append(
-                {"target": t.text, "anchor": a.text, "positions": list(zip(pos_t, pos_a, strict=True))}
-            )
-        retain = ([""] if variant == "2023" else []) + list(preserve)
-        for concept in retain:
-            r = prompt_tokens(tokenizer, template, concept, max_length)
-            p += [(row(r.ids), q) for q in (range(max_length) if variant == "2023" else [r.eos - 1])]
+    for target, anchor in edits:
+        t = prompt_tokens(tokenizer, *target, max_length)
+        a = prompt_tokens(tokenizer, *anchor, max_length)
+        ft, fa = t.eos - 1, a.eos - 1  # the script's attention_mask.sum() - 2
+        if variant == "2023":
+            far = max(ft, fa)
+            pos_t = range(ft, max_length - (far - ft))
+            pos_a = range(fa, max_length - (far - fa))
+        else:
+            pos_t, pos_a = [ft], [fa]
+        x += [(row(t.ids), q) for q in pos_t]
+        y += [(row(a.ids), q) for q in pos_a]
+        pairs.append({"target": t.text, "anchor": a.text, "positions": list(zip(pos_t, pos_a, strict=True))})
+    for text in retained:
+        r = prompt_tokens(tokenizer, *text, max_length)
+        p += [(row(r.ids), q) for q in (range(max_length) if variant == "2023" else [r.eos - 1])]
     ids = np.zeros((len(rows), max_length), np.int32)
     for key, i in rows.items():
         ids[i] = key
@@ -95,6 +128,7 @@ def erase_uce(
     prompts: Sequence[str] | None,
     *,
     variant: str = "2023",
+    pairing: str = "script",
     lam: float = 0.5,
     erase_scale: float = 1.0,
     preserve_scale: float | None = None,
@@ -105,13 +139,14 @@ def erase_uce(
     t0 = time.perf_counter()
     if variant not in VARIANTS:
         raise EraseError(f"unknown UCE variant {variant!r} (choose from {', '.join(VARIANTS)})")
+    if pairing not in PAIRINGS:
+        raise EraseError(f"unknown UCE pairing {pairing!r} (choose from {', '.join(PAIRINGS)})")
     if layers != "unet":
         raise EraseError(f"unknown layer selection {layers!r} for UCE (it edits the 'unet' only)")
     templates = ["{}"] if prompts is None else list(prompts)
     max_length = sd.config.text_encoder.max_position_embeddings
-    ids, x, y, p, pairs = uce_columns(
-        sd.tokenizer, targets, anchors, preserve, templates, variant, max_length
-    )
+    edits, retained = uce_texts(targets, anchors, preserve, templates, variant, pairing)
+    ids, x, y, p, pairs = uce_columns(sd.tokenizer, edits, retained, variant, max_length)
     if preserve_scale is None:
         preserve_scale = max(0.1, 1 / (1 + len(preserve))) if variant == "2023" else 1.0
     t_prep = time.perf_counter()
@@ -151,6 +186,7 @@ def erase_uce(
         prompts=templates,
         options={
             "variant": variant,
+            "pairing": pairing,
             "lam": lam,
             "erase_scale": erase_scale,
             "preserve_scale": preserve_scale,
@@ -172,4 +208,4 @@ def erase_uce(
     return sd.replace(unet=unet), report
 
 
-__all__ = ["VARIANTS", "erase_uce", "uce_columns"]
+__all__ = ["PAIRINGS", "VARIANTS", "erase_uce", "uce_columns", "uce_texts"]
