@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -47,19 +45,54 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({len(images)} images)")
 
 
+def _concepts(value: object, what: str, source: str) -> list[str]:
+    """A YAML value as concepts: one string is one concept (not its letters), else a list of strings."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{source}: {what} must be a string or a list of strings, got {value!r}")
+
+
+def _is_pair(pair: object) -> bool:
+    """A YAML pair: a mapping with a string ``target`` and optionally a string ``anchor``, nothing else."""
+    if not isinstance(pair, dict) or "target" not in pair or not set(pair) <= {"target", "anchor"}:
+        return False
+    return all(isinstance(v, str) for v in pair.values())
+
+
+def _read_config(path: str) -> tuple[list[str], list[str], list[str], dict]:
+    """Targets, anchors, preserved concepts and other options of a YAML file, each type checked."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the config ({e})") from None
+    cfg = {} if cfg is None else cfg
+    if not isinstance(cfg, dict) or not all(isinstance(k, str) for k in cfg):
+        raise ValueError(f"{path}: expected a mapping of options (pairs, preserve, method, ...), got {cfg!r}")
+    pairs = cfg.pop("pairs", [])
+    if not isinstance(pairs, list):
+        raise ValueError(f"{path}: pairs must be a list of {{target, anchor}} mappings, got {pairs!r}")
+    targets, anchors = [], []
+    for i, pair in enumerate(pairs):
+        if not _is_pair(pair):
+            raise ValueError(f"{path}: pairs[{i}] must be {{target: str, anchor: str}}, got {pair!r}")
+        targets.append(pair["target"])
+        anchors.append(pair.get("anchor", ""))
+    return targets, anchors, _concepts(cfg.pop("preserve", []), "preserve", path), cfg
+
+
 def _read_pairs(args: argparse.Namespace) -> tuple[list[str], list[str], list[str], dict]:
     """Targets, anchors and preserved concepts from flags or a YAML file (``pairs: [{target, anchor}]``)."""
     targets, anchors, preserve = list(args.target or []), list(args.anchor or []), list(args.preserve or [])
     extra: dict = {}
     if args.config:
-        import yaml
-
-        cfg = yaml.safe_load(Path(args.config).read_text()) or {}
-        for pair in cfg.pop("pairs", []):
-            targets.append(pair["target"])
-            anchors.append(pair.get("anchor", ""))
-        preserve += cfg.pop("preserve", [])
-        extra = cfg
+        more_targets, more_anchors, more_preserve, extra = _read_config(args.config)
+        targets, anchors, preserve = targets + more_targets, anchors + more_anchors, preserve + more_preserve
     if len(anchors) == 1 and len(targets) > 1:
         anchors *= len(targets)
     if not targets:
@@ -72,6 +105,7 @@ def _read_pairs(args: argparse.Namespace) -> tuple[list[str], list[str], list[st
 def cmd_erase(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    from jax_erasepro import safefiles
     from jax_erasepro.erase import erase
     from jax_erasepro.images import save_grid
     from jax_erasepro.pipeline import generate
@@ -98,21 +132,18 @@ def cmd_erase(args: argparse.Namespace) -> None:
         steps.update()
         after = generate(erased, grid_prompts, **kw)
         steps.update()
-        tmp = out.with_name(f".{out.name}.partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        try:
-            save_pretrained(erased, tmp / "model")
-            report.to_json(tmp / "report.json")
-            report.plot(tmp / "report.png")
-            pairs = np.stack([before, after], axis=1).reshape(-1, *before.shape[1:])
-            save_grid(pairs, tmp / "before_after.png", nrow=2, scale=args.scale, row_labels=grid_prompts)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+        try:  # a unique temporary, put in place only if ``out`` is still free: of two runs, one wins
+            with safefiles.atomic_output(out, is_dir=True) as tmp:
+                save_pretrained(erased, tmp / "model")
+                report.to_json(tmp / "report.json")
+                report.plot(tmp / "report.png")
+                pairs = np.stack([before, after], axis=1).reshape(-1, *before.shape[1:])
+                save_grid(pairs, tmp / "before_after.png", nrow=2, scale=args.scale, row_labels=grid_prompts)
+        except safefiles.DestinationExists:
+            msg = f"{out} was written by another run meanwhile; this run's results were discarded"
+            raise ValueError(msg) from None
+        except safefiles.SaveError as e:
+            raise ValueError(str(e)) from None
         steps.update()
     print(f"wrote {out}/: model/, report.json, report.png, before_after.png (left: before, right: after)")
 

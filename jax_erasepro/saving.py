@@ -1,11 +1,13 @@
 """Write a StableDiffusion out: a diffusers folder, a CompVis single file, an orbax folder, a delta or a LoRA.
 
 Every tensor is written in the dtype and key form its source file had (``sd.source``), so untouched tensors
-come back bit-identical; a model built in memory writes float32. Writes are atomic (``safefiles.py``).
+come back bit-identical; a model built in memory writes float32. Writes are atomic (``safefiles.py``), and
+``overwrite`` replaces only an output of ours (``foreign_reason``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,9 @@ from flax import nnx
 
 from jax_erasepro import safefiles
 from jax_erasepro.compvis import compvis_key_map, compvis_shape, diffusers_shapes, to_compvis_layout
-from jax_erasepro.delta import write_delta
-from jax_erasepro.loading import ORBAX_MARKER, ORBAX_PARAMS
-from jax_erasepro.lora import write_lora
+from jax_erasepro.delta import DELTA_FILE, write_delta
+from jax_erasepro.loading import DELTA_MARKER, ORBAX_MARKER, ORBAX_PARAMS
+from jax_erasepro.lora import LORA_FILE, LORA_MARKER, write_lora
 from jax_erasepro.pipeline import StableDiffusion
 from jax_erasepro.schedulers import DEFAULT_CLASS
 from jax_erasepro.weights import iter_state_dict, state_dict_shapes
@@ -31,6 +33,56 @@ WEIGHT_FILES = {
 }
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release these files are tested against
 POSITION_IDS = "embeddings.position_ids"
+CONFIG_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+)
+TOKENIZER_NAMES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
+TOKENIZER_FILES = tuple(f"tokenizer/{name}" for name in TOKENIZER_NAMES)
+# What each of our folder formats holds, found by its marker file (checked in this order); a name ending in
+# "/" stands for a whole tree another library writes (orbax's checkpoint).
+OWN_LAYOUTS = {
+    ORBAX_MARKER: {*CONFIG_FILES, *TOKENIZER_FILES, ORBAX_MARKER, ORBAX_PARAMS + "/"},
+    "model_index.json": {*CONFIG_FILES, *TOKENIZER_FILES, *(f"{c}/{f}" for c, f in WEIGHT_FILES.items())},
+    DELTA_MARKER: {DELTA_MARKER, DELTA_FILE},
+    LORA_MARKER: {LORA_MARKER, LORA_FILE},
+}
+
+
+def _files_under(root: Path) -> list[str]:
+    """Every file and symlink under ``root``, relative and with "/" separators (empty folders are not)."""
+    found = []
+    for dirpath, dirs, files in os.walk(root):
+        links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
+        found += [Path(dirpath, n).relative_to(root).as_posix() for n in files + links]
+    return sorted(found)
+
+
+def foreign_reason(path: Path) -> str | None:
+    """None when ``overwrite`` may replace ``path``: an empty folder, a folder holding only what one of our
+    formats writes, or a safetensors file we wrote; otherwise why not, in a few words."""
+    if not path.is_dir() or path.is_symlink():
+        return safefiles.foreign_file_reason(path)
+    files = _files_under(path)
+    marker = next((m for m in OWN_LAYOUTS if m in files), None)
+    if files and marker is None:
+        return f"it is not a folder save_pretrained wrote (it has no {' / '.join(OWN_LAYOUTS)})"
+    layout = OWN_LAYOUTS.get(marker, set())
+    trees = tuple(name for name in layout if name.endswith("/"))
+    foreign = [f for f in files if f not in layout and not f.startswith(trees)]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        return f"it holds {foreign[0]}{more}, which save_pretrained did not write"
+    return None
 
 
 def source_dtype(sd: StableDiffusion, comp: str, key: str, override: Any = None) -> np.dtype:
@@ -173,19 +225,19 @@ def save_pretrained(
     (the unedited model) and take the changed tensors from an exact comparison with it, or ``edited_keys``
     (``"unet.<diffusers key>"`` etc.); ``metadata`` (e.g. ``{"method": "uce"}``) is recorded beside them;
     ``lora_rtol`` is the relative Frobenius error allowed per LoRA factorisation. Atomic; never overwrites
-    the source model, nor a non-empty ``out`` unless ``overwrite``.
+    the source model (nor a file it reads through a symlink), nor a non-empty ``out`` unless ``overwrite``;
+    ``overwrite`` replaces only an output of ours (``foreign_reason``), never a folder with other files.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r} (one of {', '.join(FORMATS)})")
     if format in ("delta", "lora") and base is None:
         raise ValueError(f"format={format!r} needs base= (the model the edit started from)")
     protected = [p for p in (sd.source.path, base.source.path if base else None) if p]
-    dest = Path(out)
-    for p in protected or [None]:
-        dest = safefiles.check_destination(Path(out), p, overwrite)
+    dest = safefiles.check_destination(Path(out), protected, overwrite, foreign_reason)
     if format == "single_file" and dest.suffix != ".safetensors":
         raise ValueError(f"a single file is written as .safetensors, got {dest.name!r}")
-    with safefiles.atomic_output(dest, is_dir=format != "single_file") as tmp:
+    is_dir = format != "single_file"
+    with safefiles.atomic_output(dest, is_dir=is_dir, overwrite=overwrite, replaceable=foreign_reason) as tmp:
         if format == "diffusers":
             _write_diffusers(sd, tmp, dtype)
         elif format == "single_file":

@@ -195,8 +195,13 @@ def test_destination_rules(sd, src, tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_pretrained(sd, out)
+    with pytest.raises(safefiles.DestinationError, match="not a folder save_pretrained wrote"):
+        save_pretrained(sd, out, overwrite=True)  # overwrite replaces only an output of ours
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    save_pretrained(sd, out)  # an empty folder is free
     save_pretrained(sd, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model_index.json").is_file()
+    assert (out / "model_index.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left
 
 
