@@ -11,7 +11,6 @@ import functools
 import gc
 import json
 import os
-import struct
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -28,7 +27,7 @@ from jax_erasepro.models.config import ConfigError
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jax_erasepro.pipeline import SDConfig, SourceInfo, StableDiffusion
-from jax_erasepro.safefiles import SAFETENSORS_NAMES, numpy_dtype
+from jax_erasepro.safefiles import SAFETENSORS_NAMES, parse_header
 from jax_erasepro.schedulers import SchedulerConfig
 from jax_erasepro.tokenizer import load_tokenizer
 from jax_erasepro.weights import CHUNK_BYTES, WeightsError, abstract_model, load_state_dict
@@ -105,31 +104,17 @@ class FileTensor:
 
 class SafetensorsReader:
     """Zero-copy key -> numpy view of one safetensors file (memory-mapped), so a loader copies each tensor
-    once, straight into its param. The header is validated up front; errors name the file."""
+    once, straight into its param. The header is validated up front (``safefiles.parse_header``, as strictly
+    as the safetensors library); errors name the file and the tensor."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > size - 8:
-                    raise ValueError(f"header of {n} bytes in a {size}-byte file")
-                header = json.loads(f.read(n))
-            data_start = 8 + n
-            self._entries: dict[str, tuple[int, int, np.dtype, tuple[int, ...]]] = {}
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                dtype, shape = numpy_dtype(info["dtype"]), tuple(info["shape"])
-                begin, end = info["data_offsets"]
-                if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin > end:
-                    raise ValueError(f"tensor {key!r}: offsets do not match its shape and dtype")
-                if data_start + end > size:
-                    raise ValueError(f"tensor {key!r} runs past the end of the file (truncated?)")
-                self._entries[key] = (data_start + begin, data_start + end, dtype, shape)
-            self._map = np.memmap(path, np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
-        except (ValueError, KeyError, TypeError, OSError, struct.error) as e:
+            header, _ = parse_header(path)
+            self._entries = {k: (e.begin, e.end, e.dtype, e.shape) for k, e in header.items()}
+            has_data = any(e.end > e.begin for e in header.values())  # memmap refuses an empty region
+            self._map = np.memmap(path, np.uint8, mode="r") if has_data else np.zeros(0, np.uint8)
+        except (ValueError, OSError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
         self.keys = set(self._entries)
 

@@ -89,8 +89,8 @@ def _is_count(x: object) -> bool:
 
 def _entry(key: str, info: object) -> tuple[np.dtype, tuple[int, ...], int, int]:
     """dtype, shape and relative [begin, end) of one header entry; ValueError naming ``key`` if malformed."""
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise ValueError(f"tensor {key!r}: an entry needs exactly dtype, shape and data_offsets")
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise ValueError(f"tensor {key!r}: an entry needs dtype, shape and data_offsets")
     dtype = numpy_dtype(info["dtype"])
     shape, offsets = info["shape"], info["data_offsets"]
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):

@@ -5,6 +5,8 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from jax_erasepro.loading import load_pretrained
@@ -176,3 +178,170 @@ def test_file_tensor_reads_exactly_its_bytes_and_refuses_a_short_file(tmp_path):
         f.truncate(reader.lazy(last).offset + 2)
     with pytest.raises(WeightsError, match="ends inside a tensor"):
         np.asarray(reader.lazy(last))
+
+
+# --- strict safetensors headers: every violation a WeightsError naming the file (and the tensor) -----------
+
+
+def _small_file(path):
+    """A valid two-tensor file (``b`` first in the data, then ``a``), its header and its data bytes."""
+    save_file({"a": np.arange(15, dtype=np.float16).reshape(3, 5), "b": np.arange(7, dtype=np.float32)}, path)
+    raw = path.read_bytes()
+    (n,) = np.frombuffer(raw[:8], np.uint64)
+    return json.loads(raw[8 : 8 + int(n)]), raw[8 + int(n) :]
+
+
+def _write(path, header, data, length=None):
+    """A file of ``header`` (an object, or raw bytes) and ``data``; ``length`` overrides the length prefix."""
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    prefix = np.uint64(len(blob) if length is None else length).tobytes()
+    path.write_bytes(prefix + blob + data)
+
+
+def _entry(header, key, **changes):
+    return {**header, key: {**header[key], **changes}}
+
+
+HEADER_CASES = {
+    "negative offsets": (lambda h, d: (_entry(h, "a", data_offsets=[-2, 28]), d), "'a'.*data_offsets"),
+    "overlapping offsets": (lambda h, d: (_entry(h, "a", data_offsets=[0, 30]), d), "'a'.*gap or overlap"),
+    "a gap": (lambda h, d: (_entry(h, "a", data_offsets=[32, 62]), d + bytes(4)), "'a'.*gap or overlap"),
+    "trailing bytes": (lambda h, d: (h, d + bytes(10)), "cover 58 of the 68 data bytes"),
+    "end before begin": (lambda h, d: (_entry(h, "a", data_offsets=[58, 28]), d), "'a'.*do not hold"),
+    "size mismatch": (lambda h, d: (_entry(h, "a", shape=[3, 4]), d), "'a'.*do not hold a F16"),
+    "unknown dtype": (lambda h, d: (_entry(h, "a", dtype="F8"), d), "unsupported safetensors dtype 'F8'"),
+    "dtype not a string": (lambda h, d: (_entry(h, "a", dtype=["F16"]), d), "unsupported safetensors dtype"),
+    "shape of strings": (lambda h, d: (_entry(h, "a", shape=["3", 5]), d), "'a'.*shape"),
+    "shape of booleans": (lambda h, d: (_entry(h, "a", shape=[True, 15]), d), "'a'.*shape"),
+    "negative dimension": (lambda h, d: (_entry(h, "a", shape=[-3, -5]), d), "'a'.*shape"),
+    "offsets of floats": (lambda h, d: (_entry(h, "a", data_offsets=[28.0, 58.0]), d), "'a'.*data_offsets"),
+    "three offsets": (lambda h, d: (_entry(h, "a", data_offsets=[28, 58, 60]), d), "'a'.*data_offsets"),
+    "missing field": (lambda h, d: ({**h, "a": {"dtype": "F16", "shape": [3, 5]}}, d), "'a'.*needs"),
+    "entry not a mapping": (lambda h, d: ({**h, "a": [1, 2]}, d), "'a'.*needs"),
+    "metadata not strings": (lambda h, d: ({**h, "__metadata__": {"format": 1}}, d), "__metadata__"),
+    "header a list": (lambda h, d: (b"[]", d), "not a JSON object"),
+    "header a number": (lambda h, d: (b"12345678", d), "not a JSON object"),
+    "nested 200k deep": (lambda h, d: (b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}", d), "too deep"),
+    "invalid JSON": (lambda h, d: (b'{"a": ', d), "Expecting value"),
+    "duplicate key": (lambda h, d: (b'{"x": 1, "x": 2}', d), "'x' appears twice"),
+    "not UTF-8": (lambda h, d: (b'{"\xff": 1}', d), "utf-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_bad_safetensors_headers_are_refused(tmp_path, case):
+    from safetensors import safe_open
+
+    from jax_erasepro.loading import SafetensorsReader
+
+    path = tmp_path / "t.safetensors"
+    header, data = _small_file(path)
+    mutate, message = HEADER_CASES[case]
+    _write(path, *mutate(header, data))
+    with pytest.raises(WeightsError, match=f"t.safetensors: not a readable safetensors file.*{message}") as e:
+        SafetensorsReader(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(Exception), safe_open(path, "np") as f:  # noqa: B017 - the library refuses it too
+        [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118
+
+
+@pytest.mark.parametrize(
+    "length, data, message",
+    [(None, b"", "shorter"), (2**63, b"", "header of"), (10**9, bytes(100), "header of")],
+    ids=["empty file", "huge length", "length past the end"],
+)
+def test_bad_safetensors_lengths_are_refused(tmp_path, length, data, message):
+    from jax_erasepro.loading import SafetensorsReader
+
+    path = tmp_path / "t.safetensors"
+    if length is None:
+        path.write_bytes(b"\x01\x02")
+        message = "2-byte file has no header"
+    else:
+        _write(path, b"{}", data, length=length)
+    with pytest.raises(WeightsError, match=f"t.safetensors.*{message}"):
+        SafetensorsReader(path)
+
+
+def test_a_bad_header_in_a_model_folder_names_file_and_tensor(copy):
+    path = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    raw = path.read_bytes()
+    (n,) = np.frombuffer(raw[:8], np.uint64)
+    header, data = json.loads(raw[8 : 8 + int(n)]), raw[8 + int(n) :]
+    key = next(k for k, v in header.items() if k != "__metadata__" and v["data_offsets"][0] > 0)
+    begin, end = header[key]["data_offsets"]
+    _write(path, _entry(header, key, data_offsets=[begin - 4, end - 4]), data)  # reads a neighbour's bytes
+    with pytest.raises(WeightsError, match=f"diffusion_pytorch_model.safetensors.*'{key}'.*overlap"):
+        load_pretrained(copy)
+
+
+# a JSON value, to put anywhere in a header
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-70, 70) | st.floats(allow_nan=False) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8,
+)
+_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+@st.composite
+def _mutated(draw, header: dict, data: bytes):
+    """A header and data with one to three random changes: a field replaced by any JSON value, an offset or
+    dimension nudged, an entry dropped or added, bytes added or cut, or the whole header replaced."""
+    header, data, length = json.loads(json.dumps(header)), data, None
+    for _ in range(draw(st.integers(1, 3))):
+        if not isinstance(header, dict):  # replaced whole by another JSON value
+            break
+        kind = draw(st.sampled_from(["field", "nudge", "drop", "add", "data", "whole", "length"]))
+        key = draw(st.sampled_from(["a", "b", "__metadata__"]))
+        entry = header.get(key)
+        if kind == "field" and isinstance(entry, dict):
+            entry[draw(st.sampled_from([*_FIELDS, "format", "extra"]))] = draw(_JSON)
+        elif kind == "nudge" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list):
+            field = draw(st.sampled_from(["shape", "data_offsets"]))
+            if isinstance(entry.get(field), list) and entry[field]:
+                i = draw(st.integers(0, len(entry[field]) - 1))
+                if isinstance(entry[field][i], int):
+                    entry[field][i] += draw(st.integers(-32, 32))
+        elif kind == "drop":
+            header.pop(key, None)
+        elif kind == "add":
+            header[draw(st.text(max_size=3))] = draw(_JSON)
+        elif kind == "data":
+            cut = draw(st.integers(-len(data), 16))
+            data = data[:cut] if cut < 0 else data + bytes(cut)
+        elif kind == "whole":
+            header = draw(_JSON)
+        elif kind == "length":
+            length = draw(st.integers(0, 2**64 - 1))
+    return header, data, length
+
+
+def test_mutated_headers_load_exactly_or_fail_clearly(tmp_path_factory):
+    """Property: whatever is done to a small valid file's header, our reader either raises WeightsError
+    naming the file, or loads exactly what the safetensors library loads from it; never anything else."""
+    from safetensors.numpy import load_file as reference_load
+
+    from jax_erasepro.loading import SafetensorsReader
+
+    path = tmp_path_factory.mktemp("headers") / "t.safetensors"
+    header, data = _small_file(path)
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(_mutated(header, data))
+    def check(case):
+        _write(path, json.dumps(case[0]).encode(), case[1], length=case[2])
+        try:
+            reader = SafetensorsReader(path)
+            got = {k: np.asarray(reader.lazy(k)) for k in reader.keys}
+            mapped = {k: np.array(reader[k]) for k in reader.keys}
+        except WeightsError as e:
+            assert "t.safetensors" in str(e) and "\n" not in str(e)
+            return
+        want = reference_load(str(path))
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+            assert got[k].tobytes() == want[k].tobytes() == mapped[k].tobytes()
+
+    check()
