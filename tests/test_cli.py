@@ -73,3 +73,52 @@ def test_console_script_turns_the_compilation_cache_on(monkeypatch):
     monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 0)
     assert cli.run() == 0
     assert calls == ["cache", "main"]
+
+
+def _config(tmp_path, text: str | bytes) -> list[str]:
+    path = tmp_path / "erase.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return ["erase", "--config", str(path), "--out", str(tmp_path / "out")]
+
+
+@pytest.mark.parametrize(
+    "text, preserve",
+    [
+        ("pairs: [{target: zorbly, anchor: star}]\npreserve: dog\n", ["dog"]),
+        ("pairs: [{target: zorbly, anchor: star}]\npreserve: [dog, quibbet]\n", ["dog", "quibbet"]),
+        ("pairs: [{target: zorbly, anchor: star}]\n", []),
+    ],
+)
+def test_yaml_preserve_may_be_one_string(tmp_path, text, preserve):
+    args = cli.build_parser().parse_args(_config(tmp_path, text))
+    assert cli._read_pairs(args) == (["zorbly"], ["star"], preserve, {})
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("pairs: zorbly\n", "pairs must be a list"),
+        ("pairs:\n  - zorbly\n", "pairs[0] must be"),
+        ("pairs:\n  - {anchor: star}\n", "pairs[0] must be"),
+        ("pairs:\n  - {target: [a, b], anchor: star}\n", "pairs[0] must be"),
+        ("pairs:\n  - {target: a, anchor: b, weight: 2}\n", "pairs[0] must be"),
+        ("pairs: [{target: a, anchor: b}]\npreserve: {dog: 1}\n", "preserve must be a string or a list"),
+        ("pairs: [{target: a, anchor: b}]\npreserve: [dog, 3]\n", "preserve must be a string or a list"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("1: x\npairs: [{target: a, anchor: b}]\n", "expected a mapping"),
+        ("pairs: [unclosed\n", "not valid YAML"),
+        ("pairs:\n\t- {target: a}\n", "not valid YAML"),
+        ("pairs: &x [*x]\n", "pairs[0] must be"),  # a list holding itself
+        (b"pairs: [{target: \xff}]\n", "cannot read the config"),
+    ],
+)
+def test_bad_yaml_configs_are_one_line_errors(tmp_path, capsys, text, message):
+    assert cli.main(_config(tmp_path, text)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {tmp_path / 'erase.yaml'}: ") and message in err[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["erase.yaml"]
+
+
+def test_a_config_that_is_a_folder(tmp_path, capsys):
+    assert cli.main(["erase", "--config", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "cannot read the config" in capsys.readouterr().err
