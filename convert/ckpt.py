@@ -1,7 +1,9 @@
 """Read a pickled PyTorch checkpoint (.ckpt/.bin/.pt) as numpy, never running code from the file.
 
 Only ``torch.load(..., weights_only=True)`` is used: a pickle that needs anything beyond tensors and
-plain containers is refused with a one-line error. Run as ``python -m convert.ckpt IN.ckpt OUT.safetensors``.
+plain containers is refused with a one-line error. Run as ``python -m convert.ckpt IN.ckpt OUT.safetensors``;
+the output is written atomically by jax-erasepro's writer, never onto the input, and replaces an existing
+file only with ``--overwrite`` and only if that file is one we wrote.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 
+from jax_erasepro import safefiles
 from jax_erasepro.weights import WeightsError
 
 
@@ -59,15 +61,33 @@ def load_ckpt(path: str | Path) -> dict[str, np.ndarray]:
     return {str(k): _to_numpy(str(k), v, path) for k, v in obj.items()}
 
 
+def write_safetensors(tensors: dict[str, np.ndarray], dst: Path, overwrite: bool = False) -> None:
+    """Write ``tensors`` to ``dst`` atomically (no NaN/inf; an existing ``dst`` only with ``overwrite``)."""
+    unsupported = [k for k, v in tensors.items() if v.dtype not in safefiles.SAFETENSORS_NAMES]
+    if unsupported:
+        key = unsupported[0]
+        raise WeightsError(f"{dst}: tensor {key!r} is {tensors[key].dtype}, a dtype we do not write")
+    header = [(k, v.shape, v.dtype) for k, v in tensors.items()]
+    with safefiles.atomic_output(dst, is_dir=False, overwrite=overwrite) as tmp:
+        safefiles.write_safetensors(tmp, header, lambda: iter(tensors.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Convert one pickled checkpoint to a safetensors file with the same keys."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
+    parser.add_argument("--overwrite", action="store_true", help="replace an output written earlier by us")
     args = parser.parse_args(argv)
-    tensors = {k: np.ascontiguousarray(v) for k, v in load_ckpt(args.src).items()}
-    save_file(tensors, str(args.dst))
-    print(f"wrote {len(tensors)} tensors to {args.dst}")
+    if args.dst.suffix != ".safetensors":
+        parser.error(f"the output is a safetensors file: name it *.safetensors, not {args.dst.name!r}")
+    try:
+        dst = safefiles.check_destination(args.dst, [args.src], args.overwrite)
+        tensors = {k: np.ascontiguousarray(v) for k, v in load_ckpt(args.src).items()}
+        write_safetensors(tensors, dst, args.overwrite)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    print(f"wrote {len(tensors)} tensors to {dst}")
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def write_safetensors(
             if arr.shape != shape:
                 raise ValueError(f"{path}: tensor {key!r} has shape {arr.shape}, its header says {shape}")
             f.seek(start + off)
-            f.write(memoryview(arr.reshape(-1)).cast("B"))
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))  # any dtype, bfloat16 included
         if order:
             raise ValueError(f"{path}: no data for tensor {next(iter(order))!r}")
         f.flush()

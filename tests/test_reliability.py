@@ -293,3 +293,65 @@ def test_save_refuses_values_the_file_cannot_hold(sd, tmp_path, value, dtype, me
         with pytest.raises(ValueError, match=f"{ATTN2_K.split('.')[-2]}.*{message}"):
             save_pretrained(bad, tmp_path / name, format=fmt, dtype=dtype)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- 9. convert.ckpt never writes onto its input, nor over a file without --overwrite ----------------------
+
+
+def _ckpt(path: Path, value: float = 1.0) -> Path:
+    import torch
+
+    torch.save({"state_dict": {"w": torch.full((3,), value), "n": torch.tensor(7)}}, path)
+    return path
+
+
+def test_convert_ckpt_refuses_its_own_input(tmp_path, capsys):
+    from convert.ckpt import main
+
+    src = _ckpt(tmp_path / "x.ckpt")
+    (tmp_path / "x.safetensors").symlink_to(src)
+    before = src.read_bytes()
+    for dst in ("x.ckpt", "x.safetensors"):
+        with pytest.raises(SystemExit) as e:
+            main([str(src), str(tmp_path / dst)])
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "name it *.safetensors" in err and "would overwrite the source model" in err
+    assert src.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ckpt", "x.safetensors"]
+
+
+def test_convert_ckpt_overwrites_only_when_asked_and_only_its_own(tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    from convert.ckpt import main
+
+    dst = tmp_path / "x.safetensors"
+    main([str(_ckpt(tmp_path / "a.ckpt", 1.0)), str(dst)])
+    first = dst.read_bytes()
+    with pytest.raises(SystemExit):
+        main([str(_ckpt(tmp_path / "b.ckpt", 2.0)), str(dst)])
+    assert "exists" in capsys.readouterr().err and dst.read_bytes() == first
+    main([str(tmp_path / "b.ckpt"), str(dst), "--overwrite"])
+    np.testing.assert_array_equal(load_file(str(dst))["w"], np.full(3, 2.0, np.float32))
+    theirs = tmp_path / "theirs.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(theirs))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "b.ckpt"), str(theirs), "--overwrite"])
+    assert "did not write" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(_ckpt(tmp_path / "nan.ckpt", float("nan"))), str(tmp_path / "nan.safetensors")])
+    assert "'w' holds NaN" in capsys.readouterr().err
+    names = ["a.ckpt", "b.ckpt", "nan.ckpt", "theirs.safetensors", "x.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+def test_bfloat16_files_are_written(sd, tmp_path):
+    import ml_dtypes
+    from safetensors import safe_open
+
+    out = save_pretrained(sd, tmp_path / "bf16.safetensors", format="single_file", dtype=ml_dtypes.bfloat16)
+    with safe_open(out, "np") as f:
+        key = next(iter(f.keys()))
+        assert f.get_slice(key).get_dtype() == "BF16"
+    load_pretrained(out, config=save_pretrained(sd, tmp_path / "cfg"))
