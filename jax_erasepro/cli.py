@@ -1,4 +1,4 @@
-"""The ``jax-erasepro`` command line: ``erase``, ``generate`` and ``report``."""
+"""The ``jax-erasepro`` command line: ``erase``, ``evaluate``, ``generate`` and ``report``."""
 
 from __future__ import annotations
 
@@ -127,25 +127,104 @@ def cmd_erase(args: argparse.Namespace) -> None:
         steps.update()
         shown = targets[:4] + preserve[:2]
         grid_prompts = [p for c in shown for p in (f"a picture of {c}", f"{c}")][: 2 * len(shown)]
+        grid_prompts += _unrelated(targets, args.model is None)
         kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
         before = generate(sd, grid_prompts, **kw)
         steps.update()
         after = generate(erased, grid_prompts, **kw)
         steps.update()
+        evaluation = _quick_evaluation(args, sd, erased, targets, anchors)
         try:  # a unique temporary, put in place only if ``out`` is still free: of two runs, one wins
             with safefiles.atomic_output(out, is_dir=True) as tmp:
                 save_pretrained(erased, tmp / "model")
                 report.to_json(tmp / "report.json")
                 report.plot(tmp / "report.png")
                 pairs = np.stack([before, after], axis=1).reshape(-1, *before.shape[1:])
-                save_grid(pairs, tmp / "before_after.png", nrow=2, scale=args.scale, row_labels=grid_prompts)
+                save_grid(pairs, tmp / "before_after.png", nrow=2, scale=args.scale, row_labels=grid_prompts,
+                          column_labels=["before", "after"])
+                if evaluation is not None:
+                    evaluation.save(tmp / "evaluation")
         except safefiles.DestinationExists:
             msg = f"{out} was written by another run meanwhile; this run's results were discarded"
             raise ValueError(msg) from None
         except safefiles.SaveError as e:
             raise ValueError(str(e)) from None
         steps.update()
-    print(f"wrote {out}/: model/, report.json, report.png, before_after.png (left: before, right: after)")
+    extra = ", evaluation/" if evaluation is not None else ""
+    print(f"wrote {out}/: model/, report.json, report.png, before_after.png (before | after){extra}")
+    if evaluation is not None:
+        _print_rates(evaluation)
+
+
+def _unrelated(targets: list[str], world: bool) -> list[str]:
+    """Two prompts that name no target, for the before/after grid (what must not change)."""
+    from jax_erasepro.evaluation.prompts import GENERIC_OTHERS, world_others
+
+    pool = world_others(targets, []) if world else list(GENERIC_OTHERS)
+    pool = [p for p in pool if not any(t.lower() in p.lower() for t in targets)]
+    return pool[:: max(1, len(pool) // 3)][:3]
+
+
+def _quick_evaluation(args: argparse.Namespace, sd, erased, targets, anchors):
+    """A few images per set (about a minute on shapes-sd): target rate and others' accuracy, before/after."""
+    from jax_erasepro.evaluation import evaluate
+
+    if not args.eval:
+        return None
+    if args.model is not None and args.judge is None:
+        print("note: no quick evaluation (--judge <CLIP folder> evaluates this model)", file=sys.stderr)
+        return None
+    prompts = None if args.judge is None else ["{}", "a photo of {}", "a painting of {}"]
+    return evaluate(sd, erased, targets, anchors, judge=args.judge, prompts=prompts, images_per_prompt=1,
+                    num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                    robustness=False, reference=False)
+
+
+def _print_rates(evaluation) -> None:
+    """The headline numbers, and a warning when the rest of the model moved."""
+    s = evaluation.summary
+    for name in ("target_rate", "anchor_rate", "others_accuracy"):
+        if e := s.get(name):
+            print(f"{name.replace('_', ' '):>16}: {e['before']:.2f} -> {e['after']:.2f}  "
+                  f"(95% CI of the drop {e['drop_ci'][0]:+.2f} .. {e['drop_ci'][1]:+.2f}, {e['n']} images)")
+    o = s["clip_score"]["O"]
+    print(f"{'CLIP score O':>16}: {o['value']:.3f} (1 = other prompts draw the same images as before)")
+    others = s.get("others_accuracy")
+    if others and others["drop"] > 0.10:
+        print(f"warning: others' accuracy dropped by {others['drop']:.0%}: the erasure changed unrelated "
+              "prompts (see evaluation/grid_others.png)", file=sys.stderr)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from jax_erasepro.evaluation import evaluate
+    from jax_erasepro.evaluation.prompts import EvaluationError
+
+    folder = Path(args.erased)
+    model_dir = folder / "model" if (folder / "model" / "model_index.json").is_file() else folder
+    targets, anchors = list(args.target or []), list(args.anchor or [])
+    if not targets:
+        report = folder / "report.json"
+        if not report.is_file():
+            raise EvaluationError(f"no --target given and no erase report at {report}")
+        try:
+            data = json.loads(report.read_text())
+            targets, anchors = list(data["targets"]), list(data["anchors"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise EvaluationError(f"{report}: not an erase report ({e})") from None
+    out = Path(args.out) if args.out else folder / "evaluation"
+    if args.images < 1 or args.steps < 1:
+        raise EvaluationError("--images and --steps must be >= 1")
+    original, erased = load_model(args.original), load_model(str(model_dir))
+    quick = args.quick
+    evaluation = evaluate(
+        original, erased, targets, anchors or [""], judge=args.judge, prompts=args.prompts,
+        images_per_prompt=1 if quick else args.images, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, seed=args.seed, robustness=not quick, reference=not quick,
+    )
+    evaluation.save(out)
+    print(evaluation.to_markdown())
+    _print_rates(evaluation)
+    print(f"wrote {out}/: evaluation.json, evaluation.md, grid_*.png")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -191,7 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--steps", type=int, default=50)
     er.add_argument("--guidance", type=float, default=7.5)
     er.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG grid")
+    er.add_argument("--no-eval", dest="eval", action="store_false",
+                    help="skip the quick evaluation (one image per prompt of each set)")
+    er.add_argument("--judge", help="a CLIP folder for the quick evaluation (default: shapes-clip)")
     er.set_defaults(func=cmd_erase)
+
+    ev = sub.add_parser("evaluate", help="judge an erasure on generated images, before and after")
+    ev.add_argument("--erased", required=True, help="an erase output folder (model/, report.json) or a model")
+    ev.add_argument("--original", default=None, help="the model before erasure (default: the embedded model)")
+    ev.add_argument("--target", action="append", help="erased concept (default: from report.json)")
+    ev.add_argument("--anchor", action="append", help="its anchor (default: from report.json)")
+    ev.add_argument("--judge", help="a transformers CLIPModel folder (default: shapes-clip)")
+    ev.add_argument("--prompts", help="YAML of prompt sets: target (templates with {}), others, robust")
+    ev.add_argument("--images", type=int, default=4, help="images per prompt (default: %(default)s)")
+    ev.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
+    ev.add_argument("--guidance", type=float, default=7.5)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--quick", action="store_true", help="one image per prompt, no robustness or reference")
+    ev.add_argument("--out", help="output folder (default: <erased>/evaluation)")
+    ev.set_defaults(func=cmd_evaluate)
 
     rep = sub.add_parser("report", help="print an erasure report (a report.json or the folder holding it)")
     rep.add_argument("path")

@@ -29,16 +29,25 @@ from flax import nnx
 from jax_erasepro.erase.columns import CONCEPT, KINDS, PADDING, Columns, EraseError, build_columns
 from jax_erasepro.erase.layers import unet_cross_attention
 from jax_erasepro.erase.report import EraseReport
+from jax_erasepro.erase.retain import default_retain
 from jax_erasepro.erase.solvers import DEFAULT_RCOND, constrained_solve
 from jax_erasepro.pipeline import StableDiffusion
+from jax_erasepro.tokenizer import tokenize
 
 DEFAULT_PROMPTS = ("{}", "a photo of {}", "a painting by {}", "art by {}", "an image of {}")
+FORMS = ("protected", "paper")
+# The protected form starts at the second encoder layer: the first one's inputs are bare token + position
+# embeddings, which a retain set of a few dozen prompts spans whole (77 positions, hundreds of tokens), so
+# whitening leaves no quiet direction there (zorbly -> star on shapes-sd: ||dW|| / ||W|| = 258 at layer 1).
+PROTECTED_START = 2
+DEFAULT_RIDGE = 1e-2
 # Algorithm 2 presets: k (first paired tokens) and s (first edited text-encoder layer, 1-based, of 12).
 IMPLICIT_PRESETS = {"weak": (5, 5), "strong": (8, 1)}
 STAGES = ("all", "text_encoder", "unet")
 REST = len(KINDS)  # group index of the compressed least-squares columns
 
 
+RETAIN_BUCKET = 16  # retain prompts are padded to a multiple of this (masked rows)
 COLUMN_BUCKET = 32  # column counts are padded to a multiple of this (masked columns; 77 -> 96)
 
 
@@ -65,6 +74,18 @@ def _compress(fx: jax.Array, fy: jax.Array, n_cand: int) -> tuple[jax.Array, jax
     return jnp.concatenate([x[:, :n_cand], r[:, :d].T], 1), jnp.concatenate([y[:, :n_cand], r[:, d:].T], 1)
 
 
+def _whitener(r: jax.Array, ridge: float) -> jax.Array:
+    """S = M^(-1/2) for M = R^T R / n + ridge * mean(eig) * I, from an SVD of the (n, d) retain rows R.
+
+    Minimising ||dW M^(1/2)||_F = ||dW||_F in the coordinates x' = S x puts the edit where retain features
+    have little energy (the idea of SPEED's null-space projection, with a ridge instead of a hard cutoff)."""
+    _, sv, vt = jnp.linalg.svd(r, full_matrices=False)
+    energy = sv**2 / r.shape[0]
+    lam = ridge * jnp.sum(energy) / r.shape[1]
+    gain = (energy + lam) ** -0.5 - lam**-0.5
+    return lam**-0.5 * jnp.eye(r.shape[1], dtype=r.dtype) + (vt.T * gain) @ vt
+
+
 def _factored(x: jax.Array) -> bool:
     """Whether the edit operator of columns ``x`` (d_in, K) is P (K < d_in) rather than G (see below)."""
     return x.shape[1] < x.shape[0]
@@ -77,6 +98,7 @@ def _edit_operator(
     rcond: float,
     core: jax.Array | None = None,
     n_core: int | None = None,
+    whiten: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The ErasePro edit of EVERY W_o reading these columns, as one operator: ``_apply`` makes W from it.
 
@@ -85,10 +107,12 @@ def _edit_operator(
     alone. With K < d_in the operator is P itself (the solve with targets I_K); otherwise it is
     G = (Y - X) P (d_in, d_in; the solve with W_o = 0 and targets Y - X), whichever is smaller. One
     factorisation then serves q/k/v, or every U-Net bucket. When the requested columns are rank-deficient
-    only ``core`` (not padding) may be hard (``constrained_solve``). Returns the operator, the hard mask
-    (K,) and the rank held.
+    only ``core`` (not padding) may be hard (``constrained_solve``). With ``whiten`` (S, see ``_whitener``)
+    the solve runs on S X and the operator is multiplied by S: the minimal ||dW M^(1/2)|| instead of
+    ||dW||. Returns the operator, the hard mask (K,) and the rank held.
     """
     d, k = x.shape
+    xs = x if whiten is None else whiten @ x
     n_cand = requested.shape[0]
     hard = jnp.concatenate([requested, jnp.zeros(k - n_cand, bool)])
     if _factored(x):
@@ -96,9 +120,9 @@ def _edit_operator(
     else:
         zero, t = jnp.zeros((d, d), x.dtype), y - x
     op, rep = constrained_solve(
-        zero, x, t, hard=hard, rcond=rcond, candidates=n_cand, core=core, n_core=n_core
+        zero, xs, t, hard=hard, rcond=rcond, candidates=n_cand, core=core, n_core=n_core
     )
-    return op, rep.hard, rep.rank
+    return (op if whiten is None else op @ whiten), rep.hard, rep.rank
 
 
 def _apply(
@@ -110,9 +134,11 @@ def _apply(
     rank: jax.Array,
     kind: jax.Array,
     feature_distance: jax.Array,
+    retain: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The (B, d_in, d_out) Flax kernels ``k_o`` (W_o^T) edited by ``_edit_operator``'s operator, with
-    metrics for the report; residuals are those of the stored W: ||W x_j - W_o y_j|| over ||W_o y_j||.
+    metrics for the report; residuals are those of the stored W: ||W x_j - W_o y_j|| over ||W_o y_j||;
+    ``retain_change`` is ||dW R|| / ||W_o R|| over the retain features R (n, d_in) (0 without any).
 
     Everything stays in kernel layout (products with transposed operands are GEMM flags, not copies), so
     no weight is ever transposed in memory."""
@@ -140,6 +166,10 @@ def _apply(
         "residual_soft": rel(residual_sq, ~hard),
         "residual_groups": jnp.stack([rel(residual_sq, groups == g) for g in range(REST + 1)], -1),
         "relative_change": jnp.sqrt(change_sq / jnp.maximum(base_sq, jnp.finfo(base_sq.dtype).tiny)),
+        "retain_change": jnp.sqrt(
+            jnp.sum(jnp.einsum("nd,bde->bne", retain, delta) ** 2, (-2, -1))
+            / jnp.maximum(jnp.sum(jnp.einsum("nd,bde->bne", retain, k_o) ** 2, (-2, -1)), 1e-30)
+        ),
         "n_hard": jnp.sum(hard),
         "rank": rank,
         "feature_distance": feature_distance,
@@ -167,7 +197,10 @@ def _anchor_states(params: nnx.State, ids: jax.Array, *, graphdef: nnx.GraphDef)
 
 @partial(
     jax.jit,
-    static_argnames=("graphdef", "start", "n_cand", "n_core", "rcond", "edit_text", "edit_unet", "unroll"),
+    static_argnames=(
+        "graphdef", "start", "n_cand", "n_core", "rcond", "edit_text", "edit_unet", "unroll", "n_retain",
+        "ridge", "weigh",
+    ),
 )
 def _progressive(
     params: nnx.State,
@@ -185,8 +218,15 @@ def _progressive(
     edit_text: bool,
     edit_unet: bool,
     unroll: bool,
+    n_retain: int,
+    ridge: float,
+    weigh: bool,
 ) -> tuple[jax.Array | None, tuple[jax.Array, ...], dict, list[dict]]:
-    """Algorithm 1: text-encoder layers [start, L) edited in one scan, then the U-Net buckets."""
+    """Algorithm 1: text-encoder layers [start, L) edited in one scan, then the U-Net buckets.
+
+    The last ``n_retain`` rows of ``x_ids`` are the retain prompts: with ``weigh`` each solve is whitened
+    by their features at that layer, all positions (``_whitener``), in the model as edited so far; either
+    way the report measures the change on them."""
     te = nnx.merge(graphdef, params)
     layer_def, stacked = nnx.split(te.encoder.layers)
     h = te.embeddings(x_ids)
@@ -197,14 +237,23 @@ def _progressive(
     # layer 0 sees (token, position) only: target columns sharing one with a preserved column yield there
     first_soft = cols["embedding_conflict"][:n_cand] & (start == 0)
 
+    def retained(features: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        if n_retain == 0:
+            return jnp.zeros((1, features.shape[-1]), features.dtype), None
+        real = cols["retain_real"][:, None, None]  # padded rows are zeros: they change no sum
+        r = jnp.where(real, features[-n_retain:], 0).reshape(-1, features.shape[-1])
+        return r, _whitener(r, ridge) if weigh else None
+
     def step(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
         layer_params, hy, first = xs
         layer = nnx.merge(layer_def, layer_params)
-        x, y, dist = _columns(layer.attn_input(h), layer.attn_input(hy), cols, n_cand)
+        features = layer.attn_input(h)
+        x, y, dist = _columns(features, layer.attn_input(hy), cols, n_cand)
+        r, whiten = retained(features)
         projs = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
         k_o = jnp.stack([p.kernel[...] for p in projs])
-        op, hard, rank = _edit_operator(x, y, requested & ~(first & first_soft), rcond, core, n_core)
-        k, metrics = _apply(k_o, op, x, y, hard, rank, kind, dist)
+        op, hard, rank = _edit_operator(x, y, requested & ~(first & first_soft), rcond, core, n_core, whiten)
+        k, metrics = _apply(k_o, op, x, y, hard, rank, kind, dist, r)
         for p, ki in zip(projs, k, strict=True):
             p.kernel.value = ki
         return layer(h), (tuple(k), metrics)  # one stacked output per projection: no strided slicing
@@ -221,10 +270,12 @@ def _progressive(
         )
     new_unet, unet_metrics = [], []
     if edit_unet:
-        x, y, dist = _columns(te.final_layer_norm(h), y_last, cols, n_cand)  # shared by every bucket
-        op, hard, rank = _edit_operator(x, y, requested, rcond, core, n_core)  # so is the edit operator
+        features = te.final_layer_norm(h)
+        x, y, dist = _columns(features, y_last, cols, n_cand)  # shared by every bucket
+        r, whiten = retained(features)
+        op, hard, rank = _edit_operator(x, y, requested, rcond, core, n_core, whiten)  # so is the operator
         for kernels in unet_weights:  # one bucket: (n, d_in, d_out) kernels of the same shape
-            k, metrics = _apply(kernels, op, x, y, hard, rank, kind, dist)
+            k, metrics = _apply(kernels, op, x, y, hard, rank, kind, dist, r)
             new_unet.append(k)
             unet_metrics.append(metrics)
     return qkv, tuple(new_unet), text_metrics, unet_metrics
@@ -257,18 +308,43 @@ def erase_erasepro(
     layers: str = "all",
     pad_tokens: int | None = None,
     first_tokens: int | None = None,
-    start_layer: int = 1,
+    start_layer: int | None = None,
     rcond: float = DEFAULT_RCOND,
     unroll: bool = False,
+    form: str = "protected",
+    retain: Sequence[str] | None = None,
+    ridge: float = DEFAULT_RIDGE,
 ) -> tuple[StableDiffusion, EraseReport]:
-    """ErasePro on ``sd``; ``start_layer`` is 1-based (1 = the first encoder layer), ``first_tokens`` is k."""
+    """ErasePro on ``sd``; ``start_layer`` is 1-based (1 = the first encoder layer), ``first_tokens`` is k.
+
+    ``form="protected"`` (default): hard columns up to each prompt's EOS (``pad_tokens=0``), every solve
+    whitened by a retain set (``retain``: prompts; None: ``retain.default_retain``;
+    ``ridge``: the weight of directions the retain set does not use, relative to its mean energy), so the
+    edit lands where other prompts have little energy. ``form="paper"``: the paper's plain minimum-norm
+    edit over every position to the end (``pad_tokens=None``; the retain set is only measured). Explicit
+    options win.
+    ``start_layer`` None: ``PROTECTED_START`` in the protected form, 1 in the paper's.
+    """
     t0 = time.perf_counter()
+    if form not in FORMS:
+        raise EraseError(f"unknown form {form!r} (choose from {', '.join(FORMS)})")
+    if not (isinstance(ridge, (int, float)) and ridge > 0 and np.isfinite(ridge)):
+        raise EraseError(f"ridge must be a positive number, got {ridge!r}")
+    protected = form == "protected"
+    templates = tuple(DEFAULT_PROMPTS if prompts is None else prompts)
+    if start_layer is None:
+        start_layer = min(PROTECTED_START, sd.config.text_encoder.num_hidden_layers) if protected else 1
+    if protected and pad_tokens is None and first_tokens is None:
+        pad_tokens = 0
+    if retain is None:
+        retain = default_retain(sd, targets, preserve, templates)
+    elif isinstance(retain, str) or not all(isinstance(r, str) for r in retain):
+        raise EraseError("retain must be a list of prompts")
     if layers not in STAGES:
         raise EraseError(f"unknown layer selection {layers!r} (choose from {', '.join(STAGES)})")
     n_layers = sd.config.text_encoder.num_hidden_layers
     if not 1 <= start_layer <= n_layers:
         raise EraseError(f"start_layer={start_layer} is outside the text encoder's layers 1..{n_layers}")
-    templates = tuple(DEFAULT_PROMPTS if prompts is None else prompts)
     max_length = sd.config.text_encoder.max_position_embeddings
     cols = build_columns(
         sd.tokenizer,
@@ -306,7 +382,15 @@ def erase_erasepro(
         k: jnp.asarray(np.pad(v, (0, n_pad - cols.n), constant_values=PADDING if k == "kind" else 0))
         for k, v in col_arrays.items()
     }
-    x_ids, y_ids = (jnp.asarray(_pad_rows(a)) for a in (cols.x_ids, cols.y_ids))
+    retain_ids = tokenize(sd.tokenizer, list(retain), max_length=max_length) if retain else None
+    x_rows = _pad_rows(cols.x_ids)
+    n_retain = 0
+    if retain_ids is not None:  # padded to a bucket with masked rows, so similar sets share a program
+        n_retain = _round_up(len(retain_ids), RETAIN_BUCKET)
+        retain_ids = np.pad(retain_ids, ((0, n_retain - len(retain_ids)), (0, 0)))
+        x_rows = np.concatenate([x_rows, retain_ids.astype(x_rows.dtype)])
+    col_arrays["retain_real"] = jnp.arange(max(n_retain, 1)) < len(retain)
+    x_ids, y_ids = jnp.asarray(x_rows), jnp.asarray(_pad_rows(cols.y_ids))
     t_prep = time.perf_counter()
 
     anchor_fn = _compiled(_anchor_states, params, y_ids, graphdef=graphdef)
@@ -319,6 +403,9 @@ def erase_erasepro(
         edit_unet=edit_unet,
         unroll=unroll,
         graphdef=graphdef,
+        n_retain=n_retain,
+        weigh=protected,
+        ridge=float(ridge),
     )
     states = (n_layers + 1, *y_ids.shape, d_text)
     y_shapes = (jax.ShapeDtypeStruct(states, jnp.float32), jax.ShapeDtypeStruct(states[1:], jnp.float32))
@@ -364,6 +451,9 @@ def erase_erasepro(
             "first_tokens": first_tokens,
             "start_layer": start_layer,
             "rcond": rcond,
+            "form": form,
+            "retain": list(retain),
+            "ridge": ridge,
         },
         columns={
             "total": cols.n,
@@ -433,6 +523,7 @@ def _entry(key: str, stage: str, metrics: dict, i: tuple, **extra: Any) -> dict[
         "residual_soft": float(metrics["residual_soft"][i]),
         "residual_groups": {name: float(groups[g]) for g, name in enumerate((*KINDS, "least_squares_rest"))},
         "relative_change": float(metrics["relative_change"][i]),
+        "retain_change": float(metrics["retain_change"][i]),
         "n_hard": int(metrics["n_hard"][i[:-1]]),
         "rank": int(metrics["rank"][i[:-1]]),
         "feature_distance": float(metrics["feature_distance"][i[:-1]]),

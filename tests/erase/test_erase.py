@@ -26,12 +26,12 @@ def sd():
 @pytest.fixture(scope="module")
 def longer(sd):
     """Target (2 tokens) longer than anchor (1), one preserved concept, N <= d_in = 32."""
-    return erase(sd, ["van gogh"], "artist", preserve=["monet"], prompts=[TEMPLATE], pad_tokens=2)
+    return erase(sd, ["van gogh"], "artist", preserve=["monet"], prompts=[TEMPLATE], pad_tokens=2, form="paper")
 
 
 @pytest.fixture(scope="module")
 def shorter(sd):
-    return erase(sd, ["picasso"], "pablo picasso", prompts=[TEMPLATE], pad_tokens=2)
+    return erase(sd, ["picasso"], "pablo picasso", prompts=[TEMPLATE], pad_tokens=2, form="paper")
 
 
 def flat(sd):
