@@ -263,13 +263,13 @@ def check_destination(
     it; that exists non-empty without ``overwrite``; or that ``replaceable`` names a reason not to replace.
     Leftovers of killed saves to it are cleaned first (``clean_stale``). Returns the resolved path."""
     out = out.expanduser().resolve()
-    if out.parent.is_dir():
-        clean_stale(out)
     for src in protected:
         for path in _source_paths(Path(src)):
             if out == path or path in out.parents or out in path.parents:
                 msg = f"refusing to write to {out}: it would overwrite the source model {src}"
                 raise DestinationError(msg)
+    if out.parent.is_dir():
+        clean_stale(out)
     if out.exists() and (out.is_file() or any(out.iterdir())):
         if not overwrite:
             raise DestinationExists(f"{out} exists and is not empty (pass overwrite=True to replace it)")

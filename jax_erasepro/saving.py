@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -193,12 +194,21 @@ def _write_single_file(sd: StableDiffusion, path: Path, dtype: Any) -> None:
     safefiles.write_safetensors(path, header, tensors)
 
 
+def _check_finite(params: dict[str, Any], root: Path) -> None:
+    """Refuse NaN/inf params before orbax writes them, naming the first (safetensors checks as it streams)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if not np.isfinite(np.asarray(leaf)).all():
+            key = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            raise ValueError(f"{root}: param {key!r} holds NaN or inf values; not written")
+
+
 def _write_orbax(sd: StableDiffusion, root: Path) -> None:
     """Configs and tokenizer as in a diffusers folder; params (memory layout and dtype) as one checkpoint."""
     import orbax.checkpoint as ocp
 
     _write_configs_and_tokenizer(sd, root)
     params = {comp: nnx.to_pure_dict(nnx.state(getattr(sd, comp), nnx.Param)) for comp in COMPONENTS}
+    _check_finite(params, root)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save((root / ORBAX_PARAMS).resolve(), params)
         ckptr.wait_until_finished()
