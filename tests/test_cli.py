@@ -1,4 +1,4 @@
-"""The ``jax-erasepro`` command line on the tiny random model (no embedded model is installed in tests)."""
+"""The ``jax-erasepro`` command line on the embedded shapes-sd (few sampling steps)."""
 
 import json
 
@@ -15,8 +15,13 @@ def erased(tmp_path_factory):
     return out
 
 
-def test_erase_writes_model_report_and_grid(erased):
-    assert {p.name for p in erased.iterdir()} == {"model", "report.json", "report.png", "before_after.png"}
+def test_erase_writes_model_report_grid_and_quick_evaluation(erased):
+    names = {"model", "report.json", "report.png", "before_after.png", "evaluation"}
+    assert {p.name for p in erased.iterdir()} == names
+    evaluation = json.loads((erased / "evaluation" / "evaluation.json").read_text())
+    for key in ("target_rate", "others_accuracy"):
+        assert 0 <= evaluation[key]["before"] <= 1 and 0 <= evaluation[key]["after"] <= 1
+    assert (erased / "evaluation" / "grid_others.png").read_bytes()[:4] == b"\x89PNG"
     assert (erased / "model" / "model_index.json").is_file()
     report = json.loads((erased / "report.json").read_text())
     assert report["targets"] == ["zorbly"] and report["preserve"] == ["quibbet"]

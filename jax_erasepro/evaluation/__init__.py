@@ -309,3 +309,6 @@ def _others_accuracy(judge, s: PromptSet, before, after, seed) -> dict[str, Any]
     if not keep.any():
         return None
     return metrics.paired(np.array(b)[keep], np.array(a)[keep], seed)
+
+
+__all__ = ["EvalReport", "EvaluationError", "ImageJudge", "Sampling", "evaluate", "load_image_judge"]

@@ -180,7 +180,7 @@ def test_many_concepts(sd, n_concepts):
             "bell",
         )
     ]
-    erased, report = erase(sd, words[:n_concepts], "thing", prompts=["{}"])
+    erased, report = erase(sd, words[:n_concepts], "thing", prompts=["{}"], form="paper")
     n = report.columns["total"]
     counts = {k: report.columns[k] for k in ("concept", "preserve", "prefix", "padding")}
     # each prompt offers BOS + 76 paired positions; BOS and a shared first word ("red ...") dedup exactly
