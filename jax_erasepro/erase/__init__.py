@@ -12,7 +12,7 @@ from typing import Any
 
 from jax_erasepro.erase.blas import single_threaded_blas
 from jax_erasepro.erase.columns import EraseError
-from jax_erasepro.erase.erasepro import DEFAULT_PROMPTS, IMPLICIT_PRESETS, erase_erasepro
+from jax_erasepro.erase.erasepro import DEFAULT_PROMPTS, IMPLICIT_PRESETS, PROTECTED_START, erase_erasepro
 from jax_erasepro.erase.report import EraseReport
 from jax_erasepro.erase.uce import erase_uce
 from jax_erasepro.pipeline import StableDiffusion
@@ -37,6 +37,8 @@ def _implicit(
     depth = sd.config.text_encoder.num_hidden_layers
     if start_layer is None:
         start_layer = 1 + round((s - 1) * depth / 12)
+        if options.get("form", "protected") == "protected":  # see erasepro.PROTECTED_START
+            start_layer = max(start_layer, min(PROTECTED_START, depth))
     return erase_erasepro(
         sd,
         targets,

@@ -126,11 +126,14 @@ def build_columns(
     max_length: int = 77,
     pad_tokens: int | None = None,
     first_tokens: int | None = None,
+    last_token_only: bool = False,
 ) -> Columns:
     """All columns for target -> anchor pairs and preserved concepts under each template.
 
     ``pad_tokens`` limits the paired padding positions after each target's EOS (None: all up to T);
-    ``first_tokens`` keeps only the first that many paired positions (ErasePro implicit's k).
+    ``first_tokens`` keeps only the first that many paired positions (ErasePro implicit's k);
+    ``last_token_only`` drops the target's concept tokens before its last (a multi-token name's leading
+    sub-words, which other words share and a causal encoder has not yet told apart).
     Priority order: target concept/suffix/EOS positions and preserved prompts' tokens, interleaved over
     prompts (so a cut-off at the rank spreads over every concept); then prefixes; then padding.
     """
@@ -156,6 +159,8 @@ def build_columns(
             if t.ids == a.ids:
                 raise EraseError(f"target {target!r} and anchor {anchor!r} tokenize to the same prompt")
             positions = paired_positions(t, a, pad_tokens)
+            if last_token_only:
+                positions = [(p, q) for p, q in positions if p >= t.start + t.n_concept - 1]
             if first_tokens is not None:
                 positions = positions[:first_tokens]
             pairs.append({"target": t.text, "anchor": a.text, "positions": positions})

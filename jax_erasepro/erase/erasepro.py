@@ -40,6 +40,7 @@ FORMS = ("protected", "paper")
 # embeddings, which a retain set of a few dozen prompts spans whole (77 positions, hundreds of tokens), so
 # whitening leaves no quiet direction there (zorbly -> star on shapes-sd: ||dW|| / ||W|| = 258 at layer 1).
 PROTECTED_START = 2
+LARGE_CHANGE = 1.0  # relative change of one weight above which the report warns
 DEFAULT_RIDGE = 1e-2
 # Algorithm 2 presets: k (first paired tokens) and s (first edited text-encoder layer, 1-based, of 12).
 IMPLICIT_PRESETS = {"weak": (5, 5), "strong": (8, 1)}
@@ -314,6 +315,7 @@ def erase_erasepro(
     form: str = "protected",
     retain: Sequence[str] | None = None,
     ridge: float = DEFAULT_RIDGE,
+    last_token_only: bool = True,
 ) -> tuple[StableDiffusion, EraseReport]:
     """ErasePro on ``sd``; ``start_layer`` is 1-based (1 = the first encoder layer), ``first_tokens`` is k.
 
@@ -355,6 +357,7 @@ def erase_erasepro(
         max_length=max_length,
         pad_tokens=pad_tokens,
         first_tokens=first_tokens,
+        last_token_only=protected and last_token_only,
     )
     edit_text, edit_unet = layers in ("all", "text_encoder"), layers in ("all", "unet")
     d_text = sd.config.text_encoder.hidden_size
@@ -454,6 +457,7 @@ def erase_erasepro(
             "form": form,
             "retain": list(retain),
             "ridge": ridge,
+            "last_token_only": protected and last_token_only,
         },
         columns={
             "total": cols.n,
@@ -563,6 +567,12 @@ def _notes(cols: Columns, n_hard: int, d: int, entries: list[dict], layer0: bool
         notes.append(
             f"{cols.n} columns > d_in={d}: the first {n_hard} by priority (concept tokens and EOS first, no "
             f"padding) may be hard; the other {cols.n - n_hard} are fitted in least squares (residual_soft)"
+        )
+    big = max(entries, key=lambda e: e["relative_change"], default=None)
+    if big is not None and big["relative_change"] > LARGE_CHANGE:
+        notes.append(
+            f"large edit: ||W - W_o|| / ||W_o|| reaches {big['relative_change']:.2f} ({big['key']}); prompts "
+            "outside the retain set may move: check `jax-erasepro evaluate`"
         )
     expected = {e["key"]: n_hard - (clash if layer0 and e.get("layer") == 0 else 0) for e in entries}
     short = [e["key"] for e in entries if e["n_hard"] < expected[e["key"]]]

@@ -75,7 +75,9 @@ def models():
 @pytest.fixture(scope="module")
 def erased(models):
     sd, _, _ = models
-    return erase(sd, ["van gogh"], "artist", preserve=["monet"], prompts=[TEMPLATE], pad_tokens=PAD)
+    return erase(
+        sd, ["van gogh"], "artist", preserve=["monet"], prompts=[TEMPLATE], pad_tokens=PAD, form="paper"
+    )
 
 
 def encode(model: CLIPTextModel, text: str) -> torch.Tensor:

@@ -1,0 +1,172 @@
+"""docs/RESULTS.md: every erasure method on shapes-sd, judged on generated images before and after.
+
+    python benchmarks/erasure.py [--images 2] [--steps 20] [--only zorbly]
+
+Requests: each character -> its shape, two shapes -> other shapes, each painter -> "", the implicit
+"stripes" -> "" (measured on the characters that wear them, whose prompts never say stripes), and all five
+characters at once. Methods: ErasePro (protected, the default), ErasePro in the paper's plain form, UCE
+(the authors' 2023 script), ErasePro-implicit weak and strong on the implicit request. Tables in ErasePro's
+layout plus the ground-truth rates; one image grid per method for the README's request. Results JSON goes
+to benchmarks/results/erasure.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax_erasepro as jep
+from jax_erasepro.evaluation import evaluate
+from jax_erasepro.shapes import world
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "ErasePro (protected)": ("erasepro", {}),
+    "ErasePro (paper form)": ("erasepro", {"form": "paper"}),
+    "UCE (2023 script)": ("uce", {}),
+}
+IMPLICIT = {
+    "ErasePro-implicit weak": ("erasepro-implicit", {}),
+    "ErasePro-implicit strong": ("erasepro-implicit", {"strength": "strong"}),
+}
+
+
+def requests() -> list[tuple[str, list[str], list[str], dict]]:
+    """(group, targets, anchors, methods) of the whole table."""
+    out = [("instance", [c], [world.CHARACTER_LOOK[c][0]], METHODS) for c in world.CHARACTERS]
+    out += [("instance", ["heart"], ["circle"], METHODS), ("instance", ["moon"], ["square"], METHODS)]
+    out += [("style", [p], [""], METHODS) for p in world.STYLES]
+    out += [("implicit", ["stripes"], [""], {**METHODS, **IMPLICIT})]
+    out += [
+        (
+            "multi-concept",
+            list(world.CHARACTERS),
+            [world.CHARACTER_LOOK[c][0] for c in world.CHARACTERS],
+            METHODS,
+        )
+    ]
+    return out
+
+
+def _rate(e: dict | None) -> str:
+    return "-" if not e else f"{e['before']:.2f} -> {e['after']:.2f}"
+
+
+def _value(e: dict | None, digits: int = 3) -> str:
+    return "-" if not e else f"{e['value']:.{digits}f}"
+
+
+def row(name: str, s: dict, seconds: float) -> str:
+    cs, kid = s["clip_score"], s["kid"]
+    acc = s["clip_accuracy"]["after"]
+    rob = [v.get("target_rate") for k, v in s["sets"].items() if k.startswith("robust")]
+    robust = " / ".join(f"{r['after']:.2f}" for r in rob if r) or "-"
+    return (
+        f"| {name} | {_rate(s['target_rate'])} | {_rate(s['anchor_rate'])} | {_rate(s['others_accuracy'])} "
+        f"| {robust} | {_value(cs.get('A'))} | {_value(cs.get('T'))} | {_value(cs.get('O'))} | {acc:.2f} "
+        f"| {_value(kid.get('A'), 4)} | {_value(kid.get('T'), 4)} | {_value(kid.get('O'), 4)} "
+        f"| {seconds:.0f} |"
+    )
+
+
+HEADER = (
+    "| method | target rate | anchor rate | others' accuracy | robust target rate (misspelled / scene / "
+    "templates) | CLIP A | CLIP T | CLIP O | CLIP acc | KID A | KID T | KID O | s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+NOTES = (
+    "The judge is shapes-clip. Rates are before -> after, on the target prompts (10 held-out phrasings per "
+    "concept) and on about 21 other prompts covering every concept kind but the target. CLIP A/T/O are "
+    "image-image cosines in the judge's space (A: erased target vs original anchor, T: erased vs original "
+    "target, O: erased vs original others); CLIP acc is the share of erased target images the judge puts "
+    "closer to the target's text than the anchor's; KID is on the judge's image features. Intervals are in "
+    "benchmarks/results/erasure.json; definitions in `jax_erasepro/evaluation/__init__.py`."
+)
+
+
+def _cpu() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        return f"{names[0]}, {len(names)} cores"
+    except (OSError, IndexError):
+        return platform.machine()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2, help="images per prompt")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--only", help="run only requests whose first target contains this")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "RESULTS.md"))
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    sd = jep.load_pretrained()
+    command = "python benchmarks/erasure.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results, lines, grids = [], [], ROOT / "docs" / "results"
+    group = None
+    for kind, targets, anchors, methods in requests():
+        if args.only and args.only not in targets[0]:
+            continue
+        if kind != group:
+            lines += [f"\n## {kind}\n"]
+            group = kind
+        shown = ", ".join(f'"{t}" -> "{a}"' for t, a in zip(targets, anchors, strict=True))
+        lines += [f"\n### {shown}\n", HEADER]
+        for name, (method, options) in methods.items():
+            t = time.perf_counter()
+            erased, report = jep.erase(sd, targets, anchors, method=method, **options)
+            ev = evaluate(
+                sd,
+                erased,
+                targets,
+                anchors,
+                images_per_prompt=args.images,
+                num_inference_steps=args.steps,
+                reference=False,
+            )
+            seconds = time.perf_counter() - t
+            s = ev.to_dict()
+            lines.append(row(name, s, seconds))
+            results.append(
+                {
+                    "group": kind,
+                    "targets": targets,
+                    "anchors": anchors,
+                    "method": name,
+                    "options": options,
+                    "seconds": seconds,
+                    "erase_seconds": report.timings["total"],
+                    "evaluation": s,
+                }
+            )
+            print(lines[-1], flush=True)
+            if targets == ["zorbly"]:
+                folder = ev.save(Path("/tmp") / f"results-{method}-{len(results)}")
+                for part in ("target", "others"):
+                    slug = name.split(" (")[0].lower().replace(" ", "-") + (
+                        "-paper" if "paper" in name else ""
+                    )
+                    shutil.copy(folder / f"grid_{part}.png", grids / f"zorbly_{slug}_{part}.png")
+    minutes = (time.perf_counter() - t0) / 60
+    head = [
+        "# Results: erasure methods on shapes-sd, judged on images",
+        "",
+        f"Made by `{command}` in {minutes:.0f} min on {_cpu()}; {args.images} images per prompt, "
+        f"{args.steps} DDIM steps, guidance 7.5, the same noise before and after. " + NOTES,
+    ]
+    Path(args.out).write_text("\n".join(head + lines) + "\n")
+    out = ROOT / "benchmarks" / "results" / "erasure.json"
+    out.write_text(json.dumps({"command": command, "minutes": minutes, "results": results}, indent=1) + "\n")
+    print(f"wrote {args.out} and {out} ({minutes:.0f} min)")
+
+
+if __name__ == "__main__":
+    main()
