@@ -91,6 +91,17 @@ NOTES = (
 )
 
 
+FIGURES = (
+    "Images of the README's request (\"zorbly\" -> \"star\"), original | erased, per method: "
+    "[ErasePro protected](results/zorbly_erasepro_target.png) "
+    "([others](results/zorbly_erasepro_others.png)), "
+    "[paper form](results/zorbly_erasepro-paper_target.png) "
+    "([others](results/zorbly_erasepro-paper_others.png)), [UCE](results/zorbly_uce_target.png) "
+    "([others](results/zorbly_uce_others.png)). Per-layer feature distance and parameter change (ErasePro's "
+    "Figure 3): [figures/figure3.png](figures/figure3.png) (`python benchmarks/figures.py`)."
+)
+
+
 def _cpu() -> str:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -161,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Made by `{command}` in {minutes:.0f} min on {_cpu()}; {args.images} images per prompt, "
         f"{args.steps} DDIM steps, guidance 7.5, the same noise before and after. " + NOTES,
+        "",
+        FIGURES,
     ]
     Path(args.out).write_text("\n".join(head + lines) + "\n")
     out = ROOT / "benchmarks" / "results" / "erasure.json"

@@ -38,7 +38,8 @@ DEFAULT_PROMPTS = ("{}", "a photo of {}", "a painting by {}", "art by {}", "an i
 FORMS = ("protected", "paper")
 # The protected form starts at the second encoder layer: the first one's inputs are bare token + position
 # embeddings, which a retain set of a few dozen prompts spans whole (77 positions, hundreds of tokens), so
-# whitening leaves no quiet direction there (zorbly -> star on shapes-sd: ||dW|| / ||W|| = 258 at layer 1).
+# whitening leaves no quiet direction there. Measured on shapes-sd from layer 1: "heart" -> "circle" edits
+# that layer by ||dW|| / ||W|| = 37 and others' accuracy falls from 0.87 to 0.04 (from layer 2: 0.75, 0.83).
 PROTECTED_START = 2
 LARGE_CHANGE = 1.0  # relative change of one weight above which the report warns
 DEFAULT_RIDGE = 1e-2

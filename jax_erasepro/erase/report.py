@@ -79,3 +79,47 @@ def _short(key: str) -> str:
         .replace(".transformer_blocks.0.attn2.", ".")
         .replace(".weight", "")
     )
+
+
+def plot_layers(reports: dict[str, EraseReport], path: str | Path) -> None:
+    """ErasePro's Figure 3 from reports: per edited layer (text-encoder layers, then the U-Net's cross-
+    attention), the target-anchor feature distance the layer sees and its relative parameter change."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    tables = {name: _per_layer(report) for name, report in reports.items()}
+    order = list(dict.fromkeys(k for table in tables.values() for k in table))
+    order.sort(key=lambda k: (not k.startswith("te"), int(k[2:]) if k.startswith("te") else 0))
+    for name, table in tables.items():
+        xs = [order.index(k) for k in table]
+        axes[0].plot(
+            xs,
+            [max(e.get("feature_distance", 0.0) for e in v) for v in table.values()],
+            "o-",
+            ms=3,
+            label=name,
+        )
+        axes[1].semilogy(
+            xs, [max(e["relative_change"] for e in v) for v in table.values()], "o-", ms=3, label=name
+        )
+    for ax in axes:
+        ax.set_xticks(range(len(order)), order, rotation=90, fontsize=6)
+    axes[0].set_ylabel("target-anchor feature distance (relative)")
+    axes[1].set_ylabel("||W - W_o|| / ||W_o|| (largest of the layer)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _per_layer(report: EraseReport) -> dict[str, list[dict[str, Any]]]:
+    """Report entries by layer: ``te<i>`` for encoder layers, the attention block for the U-Net."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for e in report.layers:
+        layer = f"te{e['layer']}" if e["stage"] == "text_encoder" else _short(e["key"]).rsplit(".", 1)[0]
+        out.setdefault(layer, []).append(e)
+    return out
