@@ -70,6 +70,10 @@ def _accepted(fn: Callable) -> set[str]:
     return names
 
 
+def _token_ids(sd: StableDiffusion, concept: str) -> tuple[int, ...]:
+    return tuple(sd.tokenizer(concept)["input_ids"])
+
+
 def _concepts(name: str, value: Sequence[str] | str) -> list[str]:
     items = [value] if isinstance(value, str) else list(value)
     if not all(isinstance(v, str) for v in items):
@@ -107,9 +111,11 @@ def erase(
             raise EraseError("empty target concept")
         if t == a:
             raise EraseError(f"target {t!r} equals its anchor")
+    target_ids = {_token_ids(sd, t): t for t in targets}
     for p in preserve:
-        if p in targets:
-            raise EraseError(f"concept {p!r} is both a target and preserved")
+        if (t := target_ids.get(_token_ids(sd, p))) is not None:  # "CAT" and "cat" are one prompt to CLIP
+            same = "" if p == t else f" (it tokenizes as the target {t!r})"
+            raise EraseError(f"concept {p!r} is both a target and preserved{same}")
     if prompts is not None:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:

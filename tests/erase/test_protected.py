@@ -74,3 +74,13 @@ def test_bad_options(sd, kwargs, message):
 
     with pytest.raises(EraseError, match=message):
         erase(sd, ["cat"], "dog", **kwargs)
+
+
+def test_preserving_a_target_spelled_otherwise_is_refused(sd):
+    """CLIP lowercases: preserving "CAT" would hold "cat" in place and silently cancel its erasure."""
+    from jax_erasepro.erase import EraseError
+
+    with pytest.raises(
+        EraseError, match="'CAT' is both a target and preserved .it tokenizes as the target 'cat'"
+    ):
+        erase(sd, ["cat"], "dog", preserve=["CAT"])
