@@ -42,7 +42,9 @@ def test_the_model_against_itself(sd, cache, tmp_path):
     s = report.to_dict()
     assert s["clip_score"]["T"]["value"] == pytest.approx(1.0, abs=1e-6)
     assert s["clip_score"]["O"]["value"] == pytest.approx(1.0, abs=1e-6)
-    assert s["kid"]["T"]["value"] == pytest.approx(0.0, abs=1e-9) and max(map(abs, s["kid"]["O"]["ci"])) < 1e-9
+    assert (
+        s["kid"]["T"]["value"] == pytest.approx(0.0, abs=1e-9) and max(map(abs, s["kid"]["O"]["ci"])) < 1e-9
+    )
     assert s["clip_accuracy"]["before"] >= 0.9  # the judge knows the original's zorbly from a star
     assert s["target_rate"]["before"] == s["target_rate"]["after"] >= 0.8
     assert s["others_accuracy"]["drop"] == 0.0 and s["others_accuracy"]["before"] >= 0.6
@@ -89,3 +91,26 @@ def test_world_prompts_know_what_they_show():
     target = world_target_set(["Ilse Varnhold"], [""])
     assert len(target.prompts) == 10 and all(p.text.endswith("by Ilse Varnhold") for p in target.prompts)
     assert np.all([p.anchor_text and "Ilse" not in p.anchor_text for p in target.prompts])
+
+
+def test_any_clip_folder_judges_without_ground_truth(sd, cache):
+    """A judge given as a folder is any transformers CLIPModel: CLIP metrics only, from the user's prompts."""
+    from jax_erasepro.shapes.judge import judge_path
+
+    report = evaluate(
+        sd,
+        sd,
+        ["zorbly"],
+        ["star"],
+        judge=str(judge_path()),
+        prompts=["a picture of {}"],
+        others=["a red circle", "a blue square"],
+        cache=cache,
+        **QUICK,
+    )
+    s = report.to_dict()
+    assert s["target_rate"] is None and s["others_accuracy"] is None
+    assert s["clip_score"]["O"]["value"] == pytest.approx(1.0, abs=1e-6)
+    assert s["sets"]["target"]["prompts"] == ["a picture of zorbly"]
+    with pytest.raises(EvaluationError, match="give prompts="):
+        evaluate(sd, sd, ["zorbly"], ["star"], judge=str(judge_path()), **QUICK)
