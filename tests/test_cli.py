@@ -29,6 +29,19 @@ def test_erase_writes_model_report_grid_and_quick_evaluation(erased):
     assert not list(erased.parent.glob(".*partial"))
 
 
+def test_evaluate_reads_the_erase_folder(erased, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert cli.main(["evaluate", "--erased", str(erased), "--quick", "--steps", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "target rate" in printed and "CLIP score A" in printed and f"wrote {out}" in printed
+    assert json.loads((out / "evaluation.json").read_text())["targets"] == ["zorbly"]
+
+
+def test_evaluate_without_a_report_is_one_line(tmp_path, capsys):
+    assert cli.main(["evaluate", "--erased", str(tmp_path)]) == 2
+    assert "no --target given and no erase report" in capsys.readouterr().err
+
+
 def test_report_prints_every_edited_weight(erased, capsys):
     assert cli.main(["report", str(erased)]) == 0
     out = capsys.readouterr().out
