@@ -264,11 +264,7 @@ def user_sets(
 ) -> tuple[PromptSet | None, list[str] | None, list[PromptSet]]:
     """The user's prompts: a list of templates with ``{}`` (the target set), or a mapping / YAML file with
     ``target`` (templates), ``others`` (prompts) and ``robust`` ({name: templates})."""
-    if (
-        isinstance(spec, (str, Path))
-        and not isinstance(spec, str)
-        or (isinstance(spec, str) and spec.endswith((".yaml", ".yml")))
-    ):
+    if isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith((".yaml", ".yml"))):
         import yaml
 
         path = Path(spec)
