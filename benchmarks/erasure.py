@@ -1,13 +1,15 @@
 """docs/RESULTS.md: every erasure method on shapes-sd, judged on generated images before and after.
 
-    python benchmarks/erasure.py [--images 2] [--steps 20] [--only zorbly]
+    python benchmarks/erasure.py [--images 2] [--steps 20] [--only zorbly] [--reuse]
 
 Requests: each character -> its shape, two shapes -> other shapes, each painter -> "", the implicit
 "stripes" -> "" (measured on the characters that wear them, whose prompts never say stripes), and all five
 characters at once. Methods: ErasePro (protected, the default), ErasePro in the paper's plain form, UCE
-(the authors' 2023 script), ErasePro-implicit weak and strong on the implicit request. Tables in ErasePro's
-layout plus the ground-truth rates; one image grid per method for the README's request. Results JSON goes
-to benchmarks/results/erasure.json.
+(the authors' 2023 script), ErasePro-implicit weak and strong (not on the multi-concept request).
+Tables in ErasePro's layout plus the ground-truth rates; one image grid per method for the README's
+request. Results JSON goes to benchmarks/results/erasure.json after every row; ``--reuse`` keeps the
+rows it holds (an interrupted or extended run measures only what is missing). The reading of the tables
+is docs/results/summary.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from jax_erasepro.evaluation import evaluate
 from jax_erasepro.shapes import world
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS_JSON = ROOT / "benchmarks" / "results" / "erasure.json"
+SUMMARY = ROOT / "docs" / "results" / "summary.md"  # the reading of the tables, written by hand
 METHODS = {
     "ErasePro (protected)": ("erasepro", {}),
     "ErasePro (paper form)": ("erasepro", {"form": "paper"}),
@@ -38,10 +42,11 @@ IMPLICIT = {
 
 def requests() -> list[tuple[str, list[str], list[str], dict]]:
     """(group, targets, anchors, methods) of the whole table."""
-    out = [("instance", [c], [world.CHARACTER_LOOK[c][0]], METHODS) for c in world.CHARACTERS]
-    out += [("instance", ["heart"], ["circle"], METHODS), ("instance", ["moon"], ["square"], METHODS)]
-    out += [("style", [p], [""], METHODS) for p in world.STYLES]
-    out += [("implicit", ["stripes"], [""], {**METHODS, **IMPLICIT})]
+    every = {**METHODS, **IMPLICIT}
+    out = [("instance", [c], [world.CHARACTER_LOOK[c][0]], every) for c in world.CHARACTERS]
+    out += [("instance", ["heart"], ["circle"], every), ("instance", ["moon"], ["square"], every)]
+    out += [("style", [p], [""], every) for p in world.STYLES]
+    out += [("implicit", ["stripes"], [""], every)]
     out += [
         (
             "multi-concept",
@@ -92,7 +97,7 @@ NOTES = (
 
 
 FIGURES = (
-    "Images of the README's request (\"zorbly\" -> \"star\"), original | erased, per method: "
+    'Images of the README\'s request ("zorbly" -> "star"), original | erased, per method: '
     "[ErasePro protected](results/zorbly_erasepro_target.png) "
     "([others](results/zorbly_erasepro_others.png)), "
     "[paper form](results/zorbly_erasepro-paper_target.png) "
@@ -111,27 +116,54 @@ def _cpu() -> str:
         return platform.machine()
 
 
+def render(results: list[dict], command: str, images: int, steps: int) -> str:
+    """RESULTS.md from result rows, in ``requests()`` order, with the hand-written reading of them."""
+    by_key = {(tuple(r["targets"]), r["method"]): r for r in results}
+    minutes = sum(r["seconds"] for r in results) / 60
+    lines = [
+        "# Results: erasure methods on shapes-sd, judged on images",
+        "",
+        f"Made by `{command}` ({minutes:.0f} min of erasing and evaluating, summed over rows) on {_cpu()}; "
+        f"{images} images per prompt, {steps} DDIM steps, guidance 7.5, the same noise before and after. "
+        + NOTES,
+        "",
+        FIGURES,
+    ]
+    if SUMMARY.is_file():
+        lines += ["", SUMMARY.read_text().strip()]
+    group = None
+    for kind, targets, anchors, methods in requests():
+        rows = [by_key[(tuple(targets), name)] for name in methods if (tuple(targets), name) in by_key]
+        if not rows:
+            continue
+        if kind != group:
+            lines += ["", f"## {kind}"]
+            group = kind
+        shown = ", ".join(f'"{t}" -> "{a}"' for t, a in zip(targets, anchors, strict=True))
+        lines += ["", f"### {shown}", "", HEADER]
+        lines += [row(r["method"], r["evaluation"], r["seconds"]) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2, help="images per prompt")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--only", help="run only requests whose first target contains this")
+    parser.add_argument("--reuse", action="store_true", help="keep the rows benchmarks/results has already")
     parser.add_argument("--out", default=str(ROOT / "docs" / "RESULTS.md"))
     args = parser.parse_args(argv)
-    t0 = time.perf_counter()
     sd = jep.load_pretrained()
     command = "python benchmarks/erasure.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results, lines, grids = [], [], ROOT / "docs" / "results"
-    group = None
+    results = json.loads(RESULTS_JSON.read_text())["results"] if args.reuse and RESULTS_JSON.is_file() else []
+    done = {(tuple(r["targets"]), r["method"]) for r in results}
+    grids = ROOT / "docs" / "results"
     for kind, targets, anchors, methods in requests():
         if args.only and args.only not in targets[0]:
             continue
-        if kind != group:
-            lines += [f"\n## {kind}\n"]
-            group = kind
-        shown = ", ".join(f'"{t}" -> "{a}"' for t, a in zip(targets, anchors, strict=True))
-        lines += [f"\n### {shown}\n", HEADER]
         for name, (method, options) in methods.items():
+            if (tuple(targets), name) in done:
+                continue
             t = time.perf_counter()
             erased, report = jep.erase(sd, targets, anchors, method=method, **options)
             ev = evaluate(
@@ -143,9 +175,6 @@ def main(argv: list[str] | None = None) -> None:
                 num_inference_steps=args.steps,
                 reference=False,
             )
-            seconds = time.perf_counter() - t
-            s = ev.to_dict()
-            lines.append(row(name, s, seconds))
             results.append(
                 {
                     "group": kind,
@@ -153,32 +182,21 @@ def main(argv: list[str] | None = None) -> None:
                     "anchors": anchors,
                     "method": name,
                     "options": options,
-                    "seconds": seconds,
+                    "seconds": time.perf_counter() - t,
                     "erase_seconds": report.timings["total"],
-                    "evaluation": s,
+                    "evaluation": ev.to_dict(),
                 }
             )
-            print(lines[-1], flush=True)
+            print(row(name, results[-1]["evaluation"], results[-1]["seconds"]), flush=True)
             if targets == ["zorbly"]:
                 folder = ev.save(Path("/tmp") / f"results-{method}-{len(results)}")
+                slug = name.split(" (")[0].lower().replace(" ", "-") + ("-paper" if "paper" in name else "")
                 for part in ("target", "others"):
-                    slug = name.split(" (")[0].lower().replace(" ", "-") + (
-                        "-paper" if "paper" in name else ""
-                    )
                     shutil.copy(folder / f"grid_{part}.png", grids / f"zorbly_{slug}_{part}.png")
-    minutes = (time.perf_counter() - t0) / 60
-    head = [
-        "# Results: erasure methods on shapes-sd, judged on images",
-        "",
-        f"Made by `{command}` in {minutes:.0f} min on {_cpu()}; {args.images} images per prompt, "
-        f"{args.steps} DDIM steps, guidance 7.5, the same noise before and after. " + NOTES,
-        "",
-        FIGURES,
-    ]
-    Path(args.out).write_text("\n".join(head + lines) + "\n")
-    out = ROOT / "benchmarks" / "results" / "erasure.json"
-    out.write_text(json.dumps({"command": command, "minutes": minutes, "results": results}, indent=1) + "\n")
-    print(f"wrote {args.out} and {out} ({minutes:.0f} min)")
+            # written after every row: an interrupted run keeps what it measured (rerun with --reuse)
+            RESULTS_JSON.write_text(json.dumps({"command": command, "results": results}, indent=1) + "\n")
+            Path(args.out).write_text(render(results, command, args.images, args.steps))
+    print(f"wrote {args.out} and {RESULTS_JSON}")
 
 
 if __name__ == "__main__":
