@@ -2,11 +2,18 @@
 
 from jax_erasepro.delta import apply_delta
 from jax_erasepro.erase import erase
+from jax_erasepro.errors import ConfigError, EraseError, EraseProError, EvaluationError, LoadError, SaveError
 from jax_erasepro.loading import load_pretrained
 from jax_erasepro.pipeline import StableDiffusion, encode_prompts, generate
 from jax_erasepro.saving import save_pretrained
 
 __all__ = [
+    "ConfigError",
+    "EraseError",
+    "EraseProError",
+    "EvaluationError",
+    "LoadError",
+    "SaveError",
     "StableDiffusion",
     "apply_delta",
     "encode_prompts",

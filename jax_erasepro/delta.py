@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jax_erasepro import safefiles
+from jax_erasepro.errors import LoadError
 from jax_erasepro.loading import DELTA_MARKER, SafetensorsReader
 from jax_erasepro.pipeline import StableDiffusion
 from jax_erasepro.weights import (
@@ -33,7 +34,7 @@ DELTA_FILE = "delta.safetensors"
 CHECKSUM = "sha256 of the float32 little-endian C-order bytes in PyTorch layout, shape-prefixed"
 
 
-class DeltaError(ValueError):
+class DeltaError(LoadError):
     """A delta does not fit the model it is applied to (names the key)."""
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from jax_erasepro import safefiles
 from jax_erasepro.delta import COMPONENTS, base_record, iter_tensors, resolve_edited_keys
+from jax_erasepro.errors import EraseProError
 from jax_erasepro.pipeline import StableDiffusion
 from jax_erasepro.weights import param_entries
 
@@ -23,7 +24,7 @@ LORA_MARKER = "lora.json"
 F32_ROUNDING = 2.0**-24  # float32's unit roundoff: |fl(w) - w| <= 2^-24 |w|
 
 
-class LoraError(ValueError):
+class LoraError(EraseProError, ValueError):
     """An edit that a LoRA cannot express (a changed bias, conv or norm), naming the tensor."""
 
 

@@ -29,6 +29,8 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
+from jax_erasepro.errors import SaveError
+
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -45,15 +47,11 @@ WRITER_KEY, WRITER = "written_by", "jax_erasepro"  # in every safetensors header
 TEMP, OLD = "tmp", "old"  # hidden siblings: ``.NAME.tmp-<id>`` (being written), ``.NAME.old-<id>`` (replaced)
 
 
-class SaveError(OSError):
-    """An export failed; nothing was left at the destination and the source is untouched."""
-
-
 class DestinationExists(SaveError, FileExistsError):
     """``overwrite=False`` and the destination exists (or another writer put it there first)."""
 
 
-class DestinationError(ValueError):
+class DestinationError(SaveError, ValueError):
     """A destination we refuse to write: the source model itself, or something we did not write."""
 
 

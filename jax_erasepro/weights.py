@@ -22,10 +22,12 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jax_erasepro.errors import LoadError
+
 LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
-class WeightsError(ValueError):
+class WeightsError(LoadError):
     """A checkpoint does not match the model it is loaded into (names the file and the key)."""
 
 

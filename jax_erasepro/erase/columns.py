@@ -23,15 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from jax_erasepro.errors import EraseError
 from jax_erasepro.tokenizer import tokenize
 
 # Column kinds, in decreasing priority for the hard constraints when the rank runs out.
 CONCEPT, PRESERVE, PREFIX, PADDING = 0, 1, 2, 3
 KINDS = ("concept", "preserve", "prefix", "padding")
-
-
-class EraseError(ValueError):
-    """An erasure request that cannot be carried out (the message names the culprit)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax import Array
 
+from jax_erasepro.errors import EraseError
+
 Precision = Literal["float32", "float64"]
 
 # Singular values below DEFAULT_RCOND * sigma_max count as zero, so a hard set has condition <= 1e4. Measured
@@ -32,7 +34,7 @@ SOFT_SIZES = (64, 256)
 EXACT_SVD_MAX = 128  # column counts of the smaller soft-part SVDs (up to all K columns)
 
 
-class RankDeficientError(ValueError):
+class RankDeficientError(EraseError):
     """The columns asked to hold exactly are linearly dependent beyond the rank cutoff."""
 
 

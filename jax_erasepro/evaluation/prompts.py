@@ -16,13 +16,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jax_erasepro.errors import EvaluationError
 from jax_erasepro.shapes import world
 
 TARGET, OTHERS, ROBUST = "target", "others", "robust"
-
-
-class EvaluationError(ValueError):
-    """An evaluation request that cannot be carried out (the message names the culprit)."""
 
 
 @dataclasses.dataclass(frozen=True)

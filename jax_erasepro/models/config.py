@@ -13,9 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-
-class ConfigError(ValueError):
-    """A config file holds a key or value this implementation does not support."""
+from jax_erasepro.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
