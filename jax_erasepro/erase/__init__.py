@@ -1,73 +1,60 @@
 """Concept erasure: closed-form weight edits and the plumbing that applies them to a model.
 
 ``erase(sd, targets, anchors, method=...)`` returns a new StableDiffusion (``sd`` is untouched) and an
-EraseReport. Methods register in ``METHODS`` (name -> function) so later ones plug into the same call.
+EraseReport. Methods register in ``methods.REGISTRY`` (a name, a frozen options dataclass and
+``run(sd, request, options)``), so later ones plug into the same call, command line and docs.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from jax_erasepro.erase.blas import single_threaded_blas
 from jax_erasepro.erase.columns import EraseError
-from jax_erasepro.erase.erasepro import DEFAULT_PROMPTS, IMPLICIT_PRESETS, PROTECTED_START, erase_erasepro
+from jax_erasepro.erase.erasepro import (
+    DEFAULT_PROMPTS,
+    EraseProOptions,
+    ImplicitOptions,
+    run_explicit,
+    run_implicit,
+)
+from jax_erasepro.erase.methods import REGISTRY, Method, Request, get_method, register
 from jax_erasepro.erase.report import EraseReport
-from jax_erasepro.erase.uce import erase_uce
+from jax_erasepro.erase.uce import UCEOptions, erase_uce
 from jax_erasepro.pipeline import StableDiffusion
 
-
-def _implicit(
-    sd: StableDiffusion,
-    targets,
-    anchors,
-    preserve,
-    prompts,
-    *,
-    strength: str = "weak",
-    first_tokens: int | None = None,
-    start_layer: int | None = None,
-    **options: Any,
-):
-    """Algorithm 2: the first k paired tokens from layer s on; s is scaled to the encoder's depth (of 12)."""
-    if strength not in IMPLICIT_PRESETS:
-        raise EraseError(f"unknown strength {strength!r} (choose from {', '.join(IMPLICIT_PRESETS)})")
-    k, s = IMPLICIT_PRESETS[strength]
-    depth = sd.config.text_encoder.num_hidden_layers
-    if start_layer is None:
-        start_layer = 1 + round((s - 1) * depth / 12)
-        if options.get("form", "protected") == "protected":  # see erasepro.PROTECTED_START
-            start_layer = max(start_layer, min(PROTECTED_START, depth))
-    return erase_erasepro(
-        sd,
-        targets,
-        anchors,
-        preserve,
-        prompts,
-        method="erasepro-implicit",
-        first_tokens=k if first_tokens is None else first_tokens,
-        start_layer=start_layer,
-        **options,
+register(
+    Method(
+        "erasepro",
+        "closed-form progressive edit of the text encoder's q/k/v, then the U-Net's attn2 to_k/to_v, so the "
+        "target's features equal the anchor's (explicit concepts)",
+        "ErasePro, Algorithm 1",
+        EraseProOptions,
+        run_explicit,
     )
-
-
-def _explicit(sd: StableDiffusion, targets, anchors, preserve, prompts, **options: Any):
-    return erase_erasepro(sd, targets, anchors, preserve, prompts, method="erasepro", **options)
-
-
-_explicit.forwards_to = _implicit.forwards_to = erase_erasepro
-Method = Callable[..., tuple[StableDiffusion, EraseReport]]
-METHODS: dict[str, Method] = {"erasepro": _explicit, "erasepro-implicit": _implicit, "uce": erase_uce}
-
-
-def _accepted(fn: Callable) -> set[str]:
-    """Keyword options ``fn`` takes, following ``**options`` into the function it forwards them to."""
-    params = inspect.signature(fn).parameters
-    names = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        names |= _accepted(fn.forwards_to) - {"method"}
-    return names
+)
+register(
+    Method(
+        "erasepro-implicit",
+        "ErasePro on the first k tokens from a later encoder layer: for concepts a prompt implies (a style, "
+        'nudity); the anchor is usually ""',
+        "ErasePro, Algorithm 2",
+        ImplicitOptions,
+        run_implicit,
+    )
+)
+register(
+    Method(
+        "uce",
+        "Unified Concept Editing: a closed-form ridge edit of the U-Net's attn2 to_k/to_v over the original "
+        "encoder's features, as the authors' scripts compute it",
+        "Gandikota et al., Unified Concept Editing in Diffusion Models, WACV 2024 (arXiv 2308.14761)",
+        UCEOptions,
+        erase_uce,
+    )
+)
+METHODS = REGISTRY  # name -> Method
 
 
 def _token_ids(sd: StableDiffusion, concept: str) -> tuple[int, ...]:
@@ -96,8 +83,7 @@ def erase(
     ``prompts`` are templates with ``{}`` building the feature columns (None: the method's default set,
     ["{}"]: the concept alone). Raises EraseError (a ValueError) before anything is computed or returned.
     """
-    if method not in METHODS:
-        raise EraseError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    spec = get_method(method)
     targets, preserve = _concepts("targets", targets), _concepts("preserve", preserve)
     anchors = _concepts("anchors", anchors)
     if len(anchors) == 1:
@@ -120,12 +106,26 @@ def erase(
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise EraseError("prompts is empty (use None for the default set)")
-    fn = METHODS[method]
-    unknown = sorted(set(options) - _accepted(fn))
-    if unknown:
-        raise EraseError(f"unknown option(s) for method {method!r}: {', '.join(unknown)}")
+    opts = spec.make_options(options)
+    request = Request(
+        tuple(targets), tuple(anchors), tuple(preserve), None if prompts is None else tuple(prompts)
+    )
     with single_threaded_blas():  # jaxlib's CPU LAPACK: see blas.py
-        return fn(sd, targets, anchors, preserve, prompts, **options)
+        return spec.run(sd, request, opts)
 
 
-__all__ = ["DEFAULT_PROMPTS", "METHODS", "EraseError", "EraseReport", "erase"]
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "METHODS",
+    "REGISTRY",
+    "EraseError",
+    "EraseProOptions",
+    "EraseReport",
+    "ImplicitOptions",
+    "Method",
+    "Request",
+    "UCEOptions",
+    "erase",
+    "get_method",
+    "register",
+]

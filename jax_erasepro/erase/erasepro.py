@@ -16,6 +16,8 @@ at most ``2 d_in`` least-squares columns, so the solve costs O(d_in^2 N), not O(
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -28,6 +30,7 @@ from flax import nnx
 
 from jax_erasepro.erase.columns import CONCEPT, KINDS, PADDING, Columns, EraseError, build_columns
 from jax_erasepro.erase.layers import unet_cross_attention
+from jax_erasepro.erase.methods import Request, check_choices, option
 from jax_erasepro.erase.report import EraseReport
 from jax_erasepro.erase.retain import default_retain
 from jax_erasepro.erase.solvers import DEFAULT_RCOND, constrained_solve
@@ -200,8 +203,17 @@ def _anchor_states(params: nnx.State, ids: jax.Array, *, graphdef: nnx.GraphDef)
 @partial(
     jax.jit,
     static_argnames=(
-        "graphdef", "start", "n_cand", "n_core", "rcond", "edit_text", "edit_unet", "unroll", "n_retain",
-        "ridge", "weigh",
+        "graphdef",
+        "start",
+        "n_cand",
+        "n_core",
+        "rcond",
+        "edit_text",
+        "edit_unet",
+        "unroll",
+        "n_retain",
+        "ridge",
+        "weigh",
     ),
 )
 def _progressive(
@@ -299,24 +311,100 @@ def _to_host(tree: Any) -> Any:
     return jax.tree.map(np.asarray, tree)
 
 
+@dataclasses.dataclass(frozen=True)
+class EraseProOptions:
+    """Options of ErasePro (Algorithm 1, explicit concepts)."""
+
+    form: str = option(
+        "protected",
+        "protected: hard columns to each prompt's EOS, every solve whitened by a "
+        "retain set; paper: the plain minimum-norm edit over every position",
+        choices=FORMS,
+    )
+    layers: str = option(
+        "all",
+        "which weights to edit: the text encoder's q/k/v, the U-Net's attn2 to_k/to_v, or both",
+        choices=STAGES,
+    )
+    start_layer: int | None = option(
+        None,
+        "first edited text-encoder layer, 1-based (None: "
+        f"{PROTECTED_START} in the protected form, 1 in the paper's)",
+    )
+    pad_tokens: int | None = option(
+        None,
+        "padding positions after EOS held as columns (None: 0 in the protected form, all in the paper's)",
+    )
+    first_tokens: int | None = option(None, "pair only the first k tokens of each prompt (Algorithm 2's k)")
+    last_token_only: bool = option(True, "protected form: pair a multi-token concept by its last token only")
+    retain: tuple[str, ...] | None = option(
+        None,
+        "protected form: prompts whose features the edit avoids "
+        "(None: the empty prompt, generic captions, preserved concepts)",
+    )
+    ridge: float = option(
+        DEFAULT_RIDGE,
+        "weight of the directions the retain set does not use, relative to its mean energy (> 0)",
+    )
+    rcond: float = option(DEFAULT_RCOND, "rank cutoff of the solves, relative to the largest singular value")
+    unroll: bool = option(
+        False, "unroll the layer sweep instead of a lax.scan (faster compile on few layers)"
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        for name in ("ridge", "rcond"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise EraseError(f"{name} must be a positive number, got {value!r}")
+        for name in ("start_layer", "first_tokens"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise EraseError(f"{name} must be >= 1, got {value}")
+        if self.pad_tokens is not None and self.pad_tokens < 0:
+            raise EraseError(f"pad_tokens must be >= 0, got {self.pad_tokens}")
+        if self.retain is not None and (
+            isinstance(self.retain, str) or not all(isinstance(r, str) for r in self.retain)
+        ):
+            raise EraseError("retain must be a list of prompts")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplicitOptions(EraseProOptions):
+    """Options of ErasePro-implicit (Algorithm 2: the first k paired tokens from text-encoder layer s on)."""
+
+    strength: str = option(
+        "weak",
+        "preset of (k, s): weak = (5, 5), strong = (8, 1); s of 12 layers, scaled "
+        "to the encoder's depth; first_tokens / start_layer override it",
+        choices=tuple(IMPLICIT_PRESETS),
+    )
+
+
+def run_explicit(
+    sd: StableDiffusion, request: Request, options: EraseProOptions
+) -> tuple[StableDiffusion, EraseReport]:
+    """ErasePro (Algorithm 1) on ``sd``."""
+    return erase_erasepro(sd, request, options, method="erasepro")
+
+
+def run_implicit(
+    sd: StableDiffusion, request: Request, options: ImplicitOptions
+) -> tuple[StableDiffusion, EraseReport]:
+    """ErasePro-implicit: Algorithm 1 with the strength preset's k and s (s scaled to the encoder's depth)."""
+    k, s = IMPLICIT_PRESETS[options.strength]
+    depth = sd.config.text_encoder.num_hidden_layers
+    start_layer = options.start_layer
+    if start_layer is None:
+        start_layer = 1 + round((s - 1) * depth / 12)
+        if options.form == "protected":  # see PROTECTED_START
+            start_layer = max(start_layer, min(PROTECTED_START, depth))
+    first_tokens = k if options.first_tokens is None else options.first_tokens
+    resolved = dataclasses.replace(options, start_layer=start_layer, first_tokens=first_tokens)
+    return erase_erasepro(sd, request, resolved, method="erasepro-implicit")
+
+
 def erase_erasepro(
-    sd: StableDiffusion,
-    targets: Sequence[str],
-    anchors: Sequence[str],
-    preserve: Sequence[str],
-    prompts: Sequence[str] | None,
-    *,
-    method: str = "erasepro",
-    layers: str = "all",
-    pad_tokens: int | None = None,
-    first_tokens: int | None = None,
-    start_layer: int | None = None,
-    rcond: float = DEFAULT_RCOND,
-    unroll: bool = False,
-    form: str = "protected",
-    retain: Sequence[str] | None = None,
-    ridge: float = DEFAULT_RIDGE,
-    last_token_only: bool = True,
+    sd: StableDiffusion, request: Request, options: EraseProOptions, *, method: str = "erasepro"
 ) -> tuple[StableDiffusion, EraseReport]:
     """ErasePro on ``sd``; ``start_layer`` is 1-based (1 = the first encoder layer), ``first_tokens`` is k.
 
@@ -328,11 +416,16 @@ def erase_erasepro(
     options win.
     ``start_layer`` None: ``PROTECTED_START`` in the protected form, 1 in the paper's.
     """
+    targets, anchors, preserve, prompts = request.targets, request.anchors, request.preserve, request.prompts
+    form, layers, start_layer, pad_tokens = (
+        options.form,
+        options.layers,
+        options.start_layer,
+        options.pad_tokens,
+    )
+    first_tokens, last_token_only, retain = options.first_tokens, options.last_token_only, options.retain
+    ridge, rcond, unroll = options.ridge, options.rcond, options.unroll
     t0 = time.perf_counter()
-    if form not in FORMS:
-        raise EraseError(f"unknown form {form!r} (choose from {', '.join(FORMS)})")
-    if not (isinstance(ridge, (int, float)) and ridge > 0 and np.isfinite(ridge)):
-        raise EraseError(f"ridge must be a positive number, got {ridge!r}")
     protected = form == "protected"
     templates = tuple(DEFAULT_PROMPTS if prompts is None else prompts)
     if start_layer is None:
@@ -341,10 +434,6 @@ def erase_erasepro(
         pad_tokens = 0
     if retain is None:
         retain = default_retain(sd, targets, preserve, templates)
-    elif isinstance(retain, str) or not all(isinstance(r, str) for r in retain):
-        raise EraseError("retain must be a list of prompts")
-    if layers not in STAGES:
-        raise EraseError(f"unknown layer selection {layers!r} (choose from {', '.join(STAGES)})")
     n_layers = sd.config.text_encoder.num_hidden_layers
     if not 1 <= start_layer <= n_layers:
         raise EraseError(f"start_layer={start_layer} is outside the text encoder's layers 1..{n_layers}")

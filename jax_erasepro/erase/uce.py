@@ -28,6 +28,7 @@ With ``prompts=None`` (the template ``"{}"``) both pairings give the same texts.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -39,6 +40,7 @@ import numpy as np
 from jax_erasepro.erase.columns import EraseError, prompt_tokens
 from jax_erasepro.erase.erasepro import _replace_buckets
 from jax_erasepro.erase.layers import unet_cross_attention
+from jax_erasepro.erase.methods import Request, check_choices, option
 from jax_erasepro.erase.report import EraseReport
 from jax_erasepro.erase.solvers import uce_solve
 from jax_erasepro.pipeline import StableDiffusion, encode_tokens
@@ -120,29 +122,49 @@ def _uce_buckets(kernels, feats, x, y, p, lam, s_e, s_p, precision):
     return out, reports
 
 
+@dataclasses.dataclass(frozen=True)
+class UCEOptions:
+    """Options of UCE; defaults are the 2023 script's."""
+
+    variant: str = option(
+        "2023",
+        "which authors' script to reproduce: 2023 (train_erase.py, every position "
+        "from the concept's last token) or 2025 (uce_sd_erase.py, one column per text)",
+        choices=VARIANTS,
+    )
+    pairing: str = option(
+        "script",
+        "how texts are built from concepts and templates: as the script's main "
+        "does, or every template filled with target and anchor alike",
+        choices=PAIRINGS,
+    )
+    lam: float = option(0.5, "ridge weight keeping W near W_o (> 0)")
+    erase_scale: float = option(1.0, "weight of the erased columns (>= 0)")
+    preserve_scale: float | None = option(
+        None,
+        "weight of the retained columns (None: the variant's rule, "
+        "max(0.1, 1 / (1 + #preserved)) for 2023, 1 for 2025)",
+    )
+    layers: str = option("unet", "UCE edits the U-Net's attn2 to_k/to_v only", choices=("unet",))
+    precision: str = option("float32", "dtype of the solve", choices=("float32", "float64"))
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if not self.lam > 0:
+            raise EraseError(f"lam must be > 0, got {self.lam}")
+        for name in ("erase_scale", "preserve_scale"):
+            if (value := getattr(self, name)) is not None and not value >= 0:
+                raise EraseError(f"{name} must be >= 0, got {value}")
+
+
 def erase_uce(
-    sd: StableDiffusion,
-    targets: Sequence[str],
-    anchors: Sequence[str],
-    preserve: Sequence[str],
-    prompts: Sequence[str] | None,
-    *,
-    variant: str = "2023",
-    pairing: str = "script",
-    lam: float = 0.5,
-    erase_scale: float = 1.0,
-    preserve_scale: float | None = None,
-    layers: str = "unet",
-    precision: str = "float32",
+    sd: StableDiffusion, request: Request, options: UCEOptions
 ) -> tuple[StableDiffusion, EraseReport]:
     """UCE on every U-Net attn2 to_k/to_v; ``prompts`` None means the concept alone (the scripts' default)."""
     t0 = time.perf_counter()
-    if variant not in VARIANTS:
-        raise EraseError(f"unknown UCE variant {variant!r} (choose from {', '.join(VARIANTS)})")
-    if pairing not in PAIRINGS:
-        raise EraseError(f"unknown UCE pairing {pairing!r} (choose from {', '.join(PAIRINGS)})")
-    if layers != "unet":
-        raise EraseError(f"unknown layer selection {layers!r} for UCE (it edits the 'unet' only)")
+    targets, anchors, preserve, prompts = request.targets, request.anchors, request.preserve, request.prompts
+    variant, pairing, lam, erase_scale = options.variant, options.pairing, options.lam, options.erase_scale
+    preserve_scale, layers, precision = options.preserve_scale, options.layers, options.precision
     templates = ["{}"] if prompts is None else list(prompts)
     max_length = sd.config.text_encoder.max_position_embeddings
     edits, retained = uce_texts(targets, anchors, preserve, templates, variant, pairing)
@@ -208,4 +230,4 @@ def erase_uce(
     return sd.replace(unet=unet), report
 
 
-__all__ = ["PAIRINGS", "VARIANTS", "erase_uce", "uce_columns", "uce_texts"]
+__all__ = ["PAIRINGS", "VARIANTS", "UCEOptions", "erase_uce", "uce_columns", "uce_texts"]

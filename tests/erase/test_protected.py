@@ -66,7 +66,7 @@ def test_default_retain_leaves_out_captions_naming_a_target(sd):
     [
         ({"form": "plain"}, "unknown form"),
         ({"ridge": 0}, "ridge"),
-        ({"retain": "a cat"}, "retain must be a list"),
+        ({"retain": "a cat"}, "retain: expected list"),
     ],
 )
 def test_bad_options(sd, kwargs, message):
