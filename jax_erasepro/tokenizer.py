@@ -6,12 +6,16 @@ concept silently cut off the end of a prompt would be erased wrongly.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from transformers import CLIPTokenizer
+
+# transformers warns on import that PyTorch is missing; we use only its tokenizers, which need no torch
+logging.getLogger("transformers").addFilter(lambda record: "PyTorch was not found" not in record.getMessage())
+from transformers import CLIPTokenizer  # noqa: E402
 
 
 def load_tokenizer(path: str | Path) -> CLIPTokenizer:
