@@ -394,14 +394,127 @@ def plan_compvis_to_diffusers(
 
 
 def compvis_tensor_to_diffusers(
-    arr: np.ndarray, entry: tuple[str, str, tuple[int, ...]], *, source: str = "checkpoint"
-) -> np.ndarray:
-    """One planned tensor (``plan_compvis_to_diffusers`` entry) in diffusers layout, its shape checked."""
+    arr: Any, entry: tuple[str, str, tuple[int, ...]], *, source: str = "checkpoint"
+) -> Any:
+    """One planned tensor (``plan_compvis_to_diffusers`` entry) in diffusers layout, its shape checked. A
+    tensor not read yet (anything with ``shape`` and ``read_into``) stays unread where the layout is equal."""
     key, rule, want = entry
-    arr = np.asarray(arr)
-    if arr.shape != want:
-        raise WeightsError(f"{source}: key {key!r} has shape {arr.shape}, the config expects {want}")
-    return _to_diffusers(rule, arr)
+    if tuple(arr.shape) != want:
+        raise WeightsError(f"{source}: key {key!r} has shape {tuple(arr.shape)}, the config expects {want}")
+    if rule == IDENTITY and hasattr(arr, "read_into"):
+        return arr
+    return _to_diffusers(rule, np.asarray(arr))
+
+
+# --- the architecture of a single file without configs, from its tensor shapes ----------------------------
+
+SD1_CONTEXT, SD2_CONTEXT = 768, 1024  # CLIP ViT-L/14 (SD v1.x) and OpenCLIP ViT-H/14 (SD v2.x) text widths
+SD1_HEADS = 8  # ldm's v1-inference.yaml: num_heads 8 in every block
+SD2_HEAD_CHANNELS = 64  # v2-inference.yaml: num_head_channels 64, so heads = channels / 64
+CLIP_HEAD_CHANNELS = 64  # CLIP text towers: heads = width / 64
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+
+
+def _count(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
+    """How many consecutive ``prefix{i}.`` children exist from 0."""
+    n = 0
+    while any(k.startswith(f"{prefix}{n}.") for k in shapes):
+        n += 1
+    return n
+
+
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str, source: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise WeightsError(
+            f"{source}: no tensor {key!r}, so its architecture cannot be read from its shapes "
+            "(not an SD v1.x single file?); pass config=<a diffusers folder with its configs>"
+        )
+    return shapes[key]
+
+
+def _infer_unet(s: Mapping[str, tuple[int, ...]], source: str) -> dict[str, Any]:
+    p = UNET_PREFIX
+    in_channels = _shape(s, f"{p}input_blocks.0.0.weight", source)[1]
+    n_inputs = _count(s, f"{p}input_blocks.")
+    downs = [i for i in range(n_inputs) if f"{p}input_blocks.{i}.0.op.weight" in s]
+    lpb = downs[0] - 1 if downs else n_inputs - 1
+    levels = len(downs) + 1
+    if lpb < 1 or n_inputs != 1 + levels * lpb + len(downs):
+        raise WeightsError(f"{source}: its {n_inputs} input_blocks do not form an SD UNet's levels")
+    chans, down_types, up_types = [], [], []
+    for b in range(levels):
+        i = 1 + b * (lpb + 1)
+        chans.append(_shape(s, f"{p}input_blocks.{i}.0.out_layers.3.weight", source)[0])
+        down_attn = f"{p}input_blocks.{i}.1.proj_in.weight" in s
+        down_types.append("CrossAttnDownBlock2D" if down_attn else "DownBlock2D")
+        up_attn = f"{p}output_blocks.{b * (lpb + 1)}.1.proj_in.weight" in s
+        up_types.append("CrossAttnUpBlock2D" if up_attn else "UpBlock2D")
+    mid = f"{p}middle_block.1"
+    cross = _shape(s, f"{mid}.transformer_blocks.0.attn2.to_k.weight", source)[1]
+    if cross == SD1_CONTEXT:
+        heads: int | list[int] = SD1_HEADS
+    elif cross == SD2_CONTEXT:
+        heads = [c // SD2_HEAD_CHANNELS for c in chans]
+    else:
+        raise WeightsError(
+            f"{source}: cross-attention width {cross} is neither SD v1.x's 768 nor SD v2.x's 1024, so its "
+            "attention heads cannot be inferred; pass config=<a diffusers folder with its configs>"
+        )
+    return {
+        "in_channels": in_channels,
+        "out_channels": _shape(s, f"{p}out.2.weight", source)[0],
+        "block_out_channels": chans,
+        "layers_per_block": lpb,
+        "down_block_types": down_types,
+        "up_block_types": up_types,
+        "cross_attention_dim": cross,
+        "attention_head_dim": heads,
+        "use_linear_projection": len(_shape(s, f"{mid}.proj_in.weight", source)) == 2,
+        "transformer_layers_per_block": _count(s, f"{mid}.transformer_blocks."),
+    }
+
+
+def _infer_vae(s: Mapping[str, tuple[int, ...]], source: str) -> dict[str, Any]:
+    p = VAE_PREFIX
+    levels = _count(s, f"{p}encoder.down.")
+    chans = [_shape(s, f"{p}encoder.down.{b}.block.0.conv2.weight", source)[0] for b in range(levels)]
+    return {
+        "in_channels": _shape(s, f"{p}encoder.conv_in.weight", source)[1],
+        "out_channels": _shape(s, f"{p}decoder.conv_out.weight", source)[0],
+        "latent_channels": _shape(s, f"{p}post_quant_conv.weight", source)[0],
+        "block_out_channels": chans,
+        "layers_per_block": _count(s, f"{p}encoder.down.0.block."),
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+    }
+
+
+def _infer_text(s: Mapping[str, tuple[int, ...]], source: str) -> dict[str, Any]:
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in s):
+        raise WeightsError(
+            f"{source}: an SD v2.x file (OpenCLIP text encoder, {OPEN_CLIP_PREFIX}*), which load_pretrained "
+            "cannot read; convert it to a diffusers folder with diffusers and load that folder"
+        )
+    p = TEXT_PREFIX
+    vocab, hidden = _shape(s, f"{p}embeddings.token_embedding.weight", source)
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "max_position_embeddings": _shape(s, f"{p}embeddings.position_embedding.weight", source)[0],
+        "num_hidden_layers": _count(s, f"{p}encoder.layers."),
+        "intermediate_size": _shape(s, f"{p}encoder.layers.0.mlp.fc1.weight", source)[0],
+        "num_attention_heads": max(1, hidden // CLIP_HEAD_CHANNELS),
+    }
+
+
+def infer_configs(shapes: Mapping[str, tuple[int, ...]], *, source: str = "checkpoint") -> dict[str, dict]:
+    """The ``unet``/``vae``/``text_encoder`` config fields that an SD v1.x single file's tensor shapes fix,
+    inferred as diffusers' ``single_file_utils`` does (widths, levels, layers, block kinds, linear projection;
+    heads from the context width: 768 -> 8 heads, 1024 -> 64 channels per head). What shapes cannot tell
+    (norm groups, scaling factor, prediction type) is left to the caller's defaults."""
+    s = {_canonical_compvis(k): tuple(v) for k, v in shapes.items() if not is_ignored(k)}
+    text = _infer_text(s, source)  # first: an SD v2.x file is named as such
+    return {"unet": _infer_unet(s, source), "vae": _infer_vae(s, source), "text_encoder": text}
 
 
 def compvis_to_diffusers(

@@ -8,7 +8,6 @@ dtype) and ``delta.json`` (base model, method, the edited keys, and a SHA-256 of
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from flax import nnx
 from jax_erasepro import safefiles
 from jax_erasepro.errors import LoadError
 from jax_erasepro.loading import DELTA_MARKER, SafetensorsReader
+from jax_erasepro.models.config import ConfigError, read_json_object
 from jax_erasepro.pipeline import StableDiffusion
 from jax_erasepro.weights import (
     WeightsError,
@@ -127,6 +127,25 @@ def write_delta(
     safefiles.write_json(root / DELTA_MARKER, record)
 
 
+def read_record(marker: Path, kind: str) -> dict[str, Any]:
+    """A delta's or LoRA's JSON record, checked to hold what ``verify_base`` reads; DeltaError naming the
+    file otherwise (invalid JSON or UTF-8, another format, a missing or mistyped field)."""
+    try:
+        record = read_json_object(marker)
+    except ConfigError as e:
+        raise DeltaError(str(e)) from None
+    if record.get("format") != kind:
+        raise DeltaError(f"{marker}: not a {kind.replace('.', ' ')} record (format={record.get('format')!r})")
+    edited, sums, base = record.get("edited"), record.get("base_checksums"), record.get("base")
+    if not isinstance(edited, list) or not all(isinstance(k, str) for k in edited):
+        raise DeltaError(f"{marker}: 'edited' must be a list of tensor names")
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise DeltaError(f"{marker}: 'base_checksums' must map tensor names to checksums")
+    if not isinstance(base, dict):
+        raise DeltaError(f"{marker}: 'base' must be an object naming the base model")
+    return record
+
+
 def verify_base(sd: StableDiffusion, record: Mapping[str, Any], source: str) -> None:
     """Raise DeltaError naming the first untouched tensor of ``sd`` that does not match ``record``."""
     expected = record["base_checksums"]
@@ -172,9 +191,7 @@ def apply_delta(sd: StableDiffusion, delta_dir: str | Path) -> StableDiffusion:
     marker = root / DELTA_MARKER
     if not marker.is_file():
         raise FileNotFoundError(f"missing {marker} (not a delta folder)")
-    record = json.loads(marker.read_text())
-    if record.get("format") != "jax_erasepro.delta":
-        raise DeltaError(f"{marker}: not a jax_erasepro delta")
+    record = read_record(marker, "jax_erasepro.delta")
     reader = SafetensorsReader(root / DELTA_FILE)
     if reader.keys != set(record["edited"]):
         extra = sorted(reader.keys ^ set(record["edited"]))

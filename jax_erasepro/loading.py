@@ -21,15 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_erasepro.compvis import compvis_tensor_to_diffusers, plan_compvis_to_diffusers
+from jax_erasepro.compvis import compvis_tensor_to_diffusers, infer_configs, plan_compvis_to_diffusers
+from jax_erasepro.errors import LoadError
 from jax_erasepro.models.clip import CLIPTextConfig, CLIPTextModel
-from jax_erasepro.models.config import ConfigError
+from jax_erasepro.models.config import ConfigError, read_json_object
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jax_erasepro.pipeline import SDConfig, SourceInfo, StableDiffusion
 from jax_erasepro.safefiles import SAFETENSORS_NAMES, parse_header
 from jax_erasepro.schedulers import SchedulerConfig
-from jax_erasepro.tokenizer import load_tokenizer
+from jax_erasepro.tokenizer import clip_tokenizer_path, load_tokenizer, tokenizer_fingerprint
 from jax_erasepro.weights import CHUNK_BYTES, WeightsError, abstract_model, load_state_dict
 
 TEXT_PREFIX = "text_model."
@@ -40,6 +41,16 @@ ORBAX_MARKER, ORBAX_PARAMS, DELTA_MARKER = "jax_erasepro_orbax.json", "params", 
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 # Buffers some exporters write that are not parameters.
 IGNORED_KEYS = {"text_encoder": ("embeddings.position_ids",)}
+# The safetensors ``__metadata__`` entry where a single file of ours keeps its configs (a JSON string).
+SINGLE_FILE_CONFIGS = "jax_erasepro.configs"
+CONFIG_PATHS = {
+    "model_index": "model_index.json",
+    "scheduler": "scheduler/scheduler_config.json",
+    "text_encoder": "text_encoder/config.json",
+    "unet": "unet/config.json",
+    "vae": "vae/config.json",
+}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def _weights_file(folder: Path, stem: str, variant: str | None) -> Path:
@@ -81,6 +92,12 @@ class FileTensor:
             raise ValueError(
                 f"need a contiguous {self.dtype} {self.shape} buffer, got {out.dtype} {out.shape}"
             )
+        try:
+            return self._read(out, check, chunk_bytes)
+        except OSError as e:
+            raise WeightsError(f"{self.path}: reading the file failed ({e.strerror or e})") from None
+
+    def _read(self, out: np.ndarray, check: Callable[[np.ndarray], bool] | None, chunk_bytes: int) -> bool:
         flat = out.reshape(-1)
         step = max(1, chunk_bytes // self.dtype.itemsize) if check is not None else max(flat.size, 1)
         with open(self.path, "rb", buffering=0) as f:
@@ -103,17 +120,16 @@ class FileTensor:
 
 
 class SafetensorsReader:
-    """Zero-copy key -> numpy view of one safetensors file (memory-mapped), so a loader copies each tensor
-    once, straight into its param. The header is validated up front (``safefiles.parse_header``, as strictly
-    as the safetensors library); errors name the file and the tensor."""
+    """Key -> tensor of one safetensors file, read with ``pread`` (``lazy``: straight into the caller's
+    buffer), never memory-mapped, so a file cut short while it is read raises instead of killing the process
+    with SIGBUS. The header is validated up front (``safefiles.parse_header``, as strictly as the safetensors
+    library); errors name the file and the tensor."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            header, _ = parse_header(path)
+            header, self.metadata = parse_header(path)
             self._entries = {k: (e.begin, e.end, e.dtype, e.shape) for k, e in header.items()}
-            has_data = any(e.end > e.begin for e in header.values())  # memmap refuses an empty region
-            self._map = np.memmap(path, np.uint8, mode="r") if has_data else np.zeros(0, np.uint8)
         except (ValueError, OSError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
         self.keys = set(self._entries)
@@ -124,8 +140,7 @@ class SafetensorsReader:
         return self._entries[key]
 
     def __getitem__(self, key: str) -> np.ndarray:
-        begin, end, dtype, shape = self._entry(key)
-        return self._map[begin:end].view(dtype).reshape(shape)
+        return np.asarray(self.lazy(key))
 
     def lazy(self, key: str) -> FileTensor:
         """The tensor ``key`` as a ``FileTensor``: read later, straight into its destination."""
@@ -134,6 +149,9 @@ class SafetensorsReader:
 
     def dtypes(self) -> dict[str, str]:
         return {k: SAFETENSORS_NAMES[e[2]] for k, e in self._entries.items()}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: e[3] for k, e in self._entries.items()}
 
 
 def _load_component(
@@ -166,71 +184,155 @@ def _abstract_models(cfg: SDConfig) -> dict[str, nnx.Module]:
     }
 
 
-def _read_configs(root: Path) -> tuple[SDConfig, SchedulerConfig]:
-    """The configs of a diffusers-layout folder (model_index.json and each component's config file)."""
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"missing {index_path} (not a diffusers folder)")
-    model_index = json.loads(index_path.read_text())
+def _configs_from_dicts(raw: dict[str, Any], where: dict[str, str]) -> tuple[SDConfig, SchedulerConfig]:
+    """Our config objects from raw diffusers-style dicts (component -> JSON object); ``where`` names each
+    one's origin (a file, or a single file's metadata) for error messages."""
+    model_index = raw["model_index"]
+    if not isinstance(model_index, dict):
+        raise ConfigError(f"{where['model_index']}: holds a JSON {type(model_index).__name__}, not an object")
     for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if comp not in model_index:
-            raise ConfigError(f"{index_path}: no {comp!r} component")
+            raise ConfigError(f"{where['model_index']}: no {comp!r} component")
     config = SDConfig(
-        text_encoder=CLIPTextConfig.from_json(root / "text_encoder" / "config.json"),
-        unet=UNet2DConditionConfig.from_json(root / "unet" / "config.json"),
-        vae=AutoencoderKLConfig.from_json(root / "vae" / "config.json"),
+        text_encoder=CLIPTextConfig.from_dict(raw["text_encoder"], source=where["text_encoder"]),
+        unet=UNet2DConditionConfig.from_dict(raw["unet"], source=where["unet"]),
+        vae=AutoencoderKLConfig.from_dict(raw["vae"], source=where["vae"]),
         model_index=model_index,
     )
-    return config, SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
+    return config, SchedulerConfig.from_dict(raw["scheduler"], source=where["scheduler"])
+
+
+def _read_raw_configs(root: Path) -> dict[str, dict[str, Any]]:
+    """The JSON objects of a diffusers-layout folder's config files, by component (``model_index`` too)."""
+    if not (root / "model_index.json").is_file():
+        raise FileNotFoundError(f"missing {root / 'model_index.json'} (not a diffusers folder)")
+    return {name: read_json_object(root / rel) for name, rel in CONFIG_PATHS.items()}
+
+
+def _read_configs(root: Path) -> tuple[SDConfig, SchedulerConfig, dict[str, dict[str, Any]]]:
+    """The configs of a diffusers-layout folder, and the raw JSON they came from (written back on export)."""
+    raw = _read_raw_configs(root)
+    cfg, sched = _configs_from_dicts(raw, {name: str(root / rel) for name, rel in CONFIG_PATHS.items()})
+    return cfg, sched, raw
 
 
 def _tokenizer_folder(root: Path) -> Path:
-    """A folder's ``tokenizer/``, or SD v1.4's tokenizer shipped in the package when it has none."""
+    """A folder's ``tokenizer/``, or SD v1.x's CLIP tokenizer shipped in the package when it has none."""
     own = root / "tokenizer"
-    return own if own.is_dir() else Path(str(resources.files("jax_erasepro") / "assets" / "clip_tokenizer"))
+    return own if own.is_dir() else clip_tokenizer_path()
 
 
-def _load_single_file(path: Path, config: str | Path | None, dtype: Any) -> StableDiffusion:
-    """A CompVis single-file ``.safetensors``, keys mapped by ``compvis.py``; configs from ``config``."""
-    cfg_root = Path(config) if config is not None else DEFAULT_CONFIGS
-    cfg, sched_cfg = _read_configs(cfg_root)
+def _single_file_configs(
+    path: Path, reader: SafetensorsReader
+) -> tuple[dict[str, dict[str, Any]], dict[str, str], str | None]:
+    """Raw configs of a single file: from our ``__metadata__`` when it has them (and the fingerprint of the
+    tokenizer it was saved with), else SD v1.4's shipped configs with what the tensor shapes fix put in."""
+    text = reader.metadata.get(SINGLE_FILE_CONFIGS)
+    if text is not None:
+        where = {name: f"{path} (metadata {SINGLE_FILE_CONFIGS}: {name})" for name in CONFIG_PATHS}
+        try:
+            stored = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            raise ConfigError(f"{path}: metadata {SINGLE_FILE_CONFIGS!r} is not valid JSON") from None
+        if not isinstance(stored, dict) or not all(isinstance(stored.get(n), dict) for n in CONFIG_PATHS):
+            need = ", ".join(CONFIG_PATHS)
+            raise ConfigError(f"{path}: metadata {SINGLE_FILE_CONFIGS!r} lacks a config (needs {need})")
+        tok = stored.get("tokenizer")
+        fingerprint = tok.get("fingerprint") if isinstance(tok, dict) else None
+        return {n: stored[n] for n in CONFIG_PATHS}, where, fingerprint
+    raw = _read_raw_configs(DEFAULT_CONFIGS)
+    inferred = infer_configs(reader.shapes(), source=str(path))
+    for comp, fields in inferred.items():
+        raw[comp] = {**raw[comp], **fields}
+    where = {name: f"{path} (inferred from its tensor shapes: {name})" for name in CONFIG_PATHS}
+    return raw, where, None
+
+
+def _single_file_tokenizer(path: Path, fingerprint: str | None) -> Any:
+    """The shipped CLIP tokenizer (SD v1.x's), refused when the file records a different one."""
+    tokenizer = load_tokenizer(clip_tokenizer_path())
+    if fingerprint is not None and fingerprint != tokenizer_fingerprint(tokenizer):
+        raise LoadError(
+            f"{path} was saved with a tokenizer other than SD v1.x's CLIP tokenizer that jax-erasepro ships; "
+            "pass tokenizer=<a folder with its tokenizer files> (or config=<its diffusers folder>)"
+        )
+    return tokenizer
+
+
+def _load_single_file(
+    path: Path, config: str | Path | None, dtype: Any, tokenizer: str | Path | None
+) -> StableDiffusion:
+    """A CompVis single-file ``.safetensors``, keys mapped by ``compvis.py``. Configs from the folder
+    ``config``, else from the file's own metadata (ours), else inferred from its tensor shapes."""
     reader = SafetensorsReader(path)
+    if config is not None:
+        cfg_root = Path(config)
+        cfg, sched_cfg, raw = _read_configs(cfg_root)
+        tok = load_tokenizer(tokenizer if tokenizer is not None else _tokenizer_folder(cfg_root))
+    else:
+        raw, where, fingerprint = _single_file_configs(path, reader)
+        cfg, sched_cfg = _configs_from_dicts(raw, where)
+        if tokenizer is not None:
+            tok = load_tokenizer(tokenizer)
+        else:
+            tok = _single_file_tokenizer(path, fingerprint)
     dicts = {"text_encoder": cfg.text_encoder.to_dict(), "unet": cfg.unet.to_dict(), "vae": cfg.vae.to_dict()}
     plan = plan_compvis_to_diffusers(reader.keys, dicts, source=str(path))
     file_dtypes = reader.dtypes()
     models, components = {}, {}
     for name, abstract in _abstract_models(cfg).items():
         rows = plan[name]
+
+        def get(k: str, rows: dict = rows) -> Any:
+            return compvis_tensor_to_diffusers(reader.lazy(rows[k][0]), rows[k], source=str(path))
+
         models[name] = load_state_dict(
             abstract,
-            lambda k, rows=rows: compvis_tensor_to_diffusers(reader[rows[k][0]], rows[k], source=str(path)),
+            get,
             set(rows),
             source=str(path),
             dtype=dtype,
         )
         dtypes = {k: file_dtypes[row[0]] for k, row in rows.items()}
-        components[name] = {"file": path.name, "key_prefix": "", "dtypes": dtypes}
+        components[name] = {"file": path.name, "key_prefix": "", "dtypes": dtypes, "config": raw[name]}
+    components["scheduler"] = {"config": raw["scheduler"]}
     return StableDiffusion(
         **models,
-        tokenizer=load_tokenizer(_tokenizer_folder(cfg_root)),
+        tokenizer=tok,
         scheduler_config=sched_cfg,
         config=cfg,
         source=SourceInfo(path=str(path.resolve()), format="single_file", components=components),
     )
 
 
-def _load_orbax(root: Path, dtype: Any) -> StableDiffusion:
+def _orbax_marker(root: Path) -> dict[str, Any]:
+    """The marker of an orbax folder, checked to be what ``save_pretrained`` writes (LoadError naming it)."""
+    marker = root / ORBAX_MARKER
+    try:
+        meta = read_json_object(marker)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+    components = meta.get("source_components")
+    if meta.get("format") != "jax_erasepro.orbax" or not isinstance(components, dict):
+        raise LoadError(f"{marker}: not a jax_erasepro orbax marker (needs format and source_components)")
+    if not all(isinstance(v, dict) for v in components.values()):
+        raise LoadError(f"{marker}: source_components must map each component to an object")
+    return meta
+
+
+def _load_orbax(root: Path, dtype: Any, tokenizer: str | Path | None) -> StableDiffusion:
     """A folder from ``save_pretrained(format="orbax")``: configs, tokenizer and one orbax checkpoint."""
     import orbax.checkpoint as ocp
 
-    meta = json.loads((root / ORBAX_MARKER).read_text())
-    cfg, sched_cfg = _read_configs(root)
+    meta = _orbax_marker(root)
+    cfg, sched_cfg, _ = _read_configs(root)
     abstract = _abstract_models(cfg)
     target = {name: nnx.to_pure_dict(nnx.state(m, nnx.Param)) for name, m in abstract.items()}
     try:
         restored = ocp.StandardCheckpointer().restore((root / ORBAX_PARAMS).resolve(), target)
     except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, tensorstore errors)
-        raise WeightsError(f"{root / ORBAX_PARAMS}: cannot restore the orbax checkpoint ({e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{root / ORBAX_PARAMS}: cannot restore the orbax checkpoint ({first})") from None
     models = {}
     for name, model in abstract.items():
         graphdef, state = nnx.split(model)
@@ -239,11 +341,22 @@ def _load_orbax(root: Path, dtype: Any) -> StableDiffusion:
         models[name] = nnx.merge(graphdef, state)
     return StableDiffusion(
         **models,
-        tokenizer=load_tokenizer(root / "tokenizer"),
+        tokenizer=load_tokenizer(tokenizer if tokenizer is not None else root / "tokenizer"),
         scheduler_config=sched_cfg,
         config=cfg,
         source=SourceInfo(path=str(root.resolve()), format="orbax", components=meta["source_components"]),
     )
+
+
+def _float_dtype(dtype: Any) -> Any:
+    """``dtype`` as a JAX float dtype; LoadError naming the argument for anything else."""
+    try:
+        jdtype = jnp.dtype(dtype)
+    except TypeError:
+        jdtype = None
+    if jdtype is None or jdtype.name not in FLOAT_DTYPES:
+        raise LoadError(f"dtype={dtype!r}: params are floats; use one of {', '.join(FLOAT_DTYPES)}")
+    return jdtype
 
 
 def _gc_paused(fn: Any) -> Any:
@@ -270,20 +383,23 @@ def load_pretrained(
     dtype: str = "float32",
     variant: str | None = None,
     config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
 ) -> StableDiffusion:
     """Load SD v1.x into JAX: a diffusers folder (safetensors, fp32 or the fp16 variant), a folder saved with
-    ``format="orbax"``, or a CompVis single-file ``.safetensors`` (configs from the diffusers folder
-    ``config``, default SD v1.4's shipped ones).
+    ``format="orbax"``, or a CompVis single-file ``.safetensors``.
 
-    ``dtype`` is the params' dtype in memory; ``variant`` picks e.g. ``"fp16"`` weight files.
-    ``path=None`` loads the embedded default model.
+    A single file takes its configs from ``config`` (a diffusers folder) when given, else from its own
+    metadata (files ``save_pretrained`` writes), else from its tensor shapes (SD v1.x; the prediction type is
+    not in the shapes: epsilon); its tokenizer is ``config``'s, else SD v1.x's CLIP tokenizer shipped here.
+    ``tokenizer`` (a folder) overrides the tokenizer of any format. ``dtype`` is the params' float dtype in
+    memory; ``variant`` picks e.g. ``"fp16"`` weight files. ``path=None`` loads the embedded default model.
     """
     if path is None:
         from jax_erasepro.default_model import default_model_path
 
         path = default_model_path()
     root = Path(path)
-    jdtype = jnp.dtype(dtype)
+    jdtype = _float_dtype(dtype)
     if root.is_file():
         if root.suffix in PICKLED_SUFFIXES:
             raise WeightsError(
@@ -292,22 +408,24 @@ def load_pretrained(
             )
         if root.suffix != ".safetensors":
             raise WeightsError(f"{root}: unknown file type (expected a single-file .safetensors)")
-        return _load_single_file(root, config, jdtype)
+        return _load_single_file(root, config, jdtype, tokenizer)
     if not root.is_dir():
         raise FileNotFoundError(f"no such model folder: {root}")
     if (root / ORBAX_MARKER).is_file():
-        return _load_orbax(root, jdtype)
+        return _load_orbax(root, jdtype, tokenizer)
     if (root / DELTA_MARKER).is_file():
         raise ValueError(
             f"{root} is a delta, not a model: use apply_delta(load_pretrained(BASE), {str(root)!r})"
         )
-    cfg, sched_cfg = _read_configs(root)
+    cfg, sched_cfg, raw = _read_configs(root)
     models, components = {}, {}
     for name, abstract in _abstract_models(cfg).items():
         models[name], components[name] = _load_component(root, name, abstract, jdtype, variant)
+        components[name]["config"] = raw[name]
+    components["scheduler"] = {"config": raw["scheduler"]}
     return StableDiffusion(
         **models,
-        tokenizer=load_tokenizer(root / "tokenizer"),
+        tokenizer=load_tokenizer(tokenizer if tokenizer is not None else root / "tokenizer"),
         scheduler_config=sched_cfg,
         config=cfg,
         source=SourceInfo(path=str(root.resolve()), format="diffusers", components=components),

@@ -437,9 +437,12 @@ def atomic_output(
     """Yield a fresh temporary beside ``out`` to write into; on success fsync it and put it in place (see
     ``_put_in_place``). On any error delete it and raise (OS errors as SaveError naming ``out``), leaving
     ``out`` as it was. Leftovers of killed saves to ``out`` are cleaned first."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
-    tmp, fd = _new_temporary(out, is_dir)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)
+        tmp, fd = _new_temporary(out, is_dir)
+    except OSError as e:  # a read-only or missing place: name what the caller asked for, not our temporary
+        raise SaveError(f"cannot write {out}: {e.strerror or e}; nothing was written there") from None
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -449,7 +452,8 @@ def atomic_output(
         if os.path.lexists(tmp):
             _remove(tmp)
         if isinstance(e, OSError) and not isinstance(e, SaveError):
-            raise SaveError(f"writing {out} failed ({e}); nothing was written there") from e
+            reason = e.strerror or str(e)  # not str(e): that names our hidden temporary
+            raise SaveError(f"writing {out} failed ({reason}); nothing was written there") from e
         raise
     finally:
         os.close(fd)

@@ -7,7 +7,15 @@ come back bit-identical; a model built in memory writes float32. Writes are atom
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
+import json
+import logging
 import os
+import sys
+import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,10 +27,12 @@ from flax import nnx
 from jax_erasepro import safefiles
 from jax_erasepro.compvis import compvis_key_map, compvis_shape, diffusers_shapes, to_compvis_layout
 from jax_erasepro.delta import DELTA_FILE, write_delta
-from jax_erasepro.loading import DELTA_MARKER, ORBAX_MARKER, ORBAX_PARAMS
+from jax_erasepro.errors import SaveError
+from jax_erasepro.loading import CONFIG_PATHS, DELTA_MARKER, ORBAX_MARKER, ORBAX_PARAMS, SINGLE_FILE_CONFIGS
 from jax_erasepro.lora import LORA_FILE, LORA_MARKER, write_lora
 from jax_erasepro.pipeline import StableDiffusion
 from jax_erasepro.schedulers import DEFAULT_CLASS
+from jax_erasepro.tokenizer import tokenizer_fingerprint
 from jax_erasepro.weights import iter_state_dict, state_dict_shapes
 
 FORMATS = ("diffusers", "single_file", "orbax", "delta", "lora")
@@ -95,9 +105,30 @@ def source_dtype(sd: StableDiffusion, comp: str, key: str, override: Any = None)
     return safefiles.numpy_dtype(name) if name else np.dtype(np.float32)
 
 
+# model_index.json entries that name the components a folder of ours holds; any other component the source
+# listed (safety checker, feature extractor, image encoder) is not written, so it becomes [null, null]
+OWN_COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "unet", "vae")
+
+
+def _source_config(sd: StableDiffusion, comp: str) -> dict[str, Any]:
+    """The config JSON ``comp`` had in the source files (empty for a model built in memory)."""
+    if comp == "model_index":
+        return dict(sd.config.model_index)
+    raw = sd.source.components.get(comp, {}).get("config")
+    return dict(raw) if isinstance(raw, dict) else {}
+
+
 def _model_index(sd: StableDiffusion) -> dict[str, Any]:
     sched = sd.scheduler_config.class_name or DEFAULT_CLASS
+    source = _source_config(sd, "model_index")
+    dropped = {
+        k: [None, None]
+        for k, v in source.items()
+        if not k.startswith("_") and k not in OWN_COMPONENTS and isinstance(v, list) and len(v) == 2
+    }
     return {
+        **source,
+        **dropped,
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
@@ -112,27 +143,67 @@ def _model_index(sd: StableDiffusion) -> dict[str, Any]:
 
 
 def config_files(sd: StableDiffusion) -> dict[str, dict[str, Any]]:
-    """Relative path -> JSON of each config file of a diffusers folder, in the form diffusers accepts."""
+    """Relative path -> JSON of each config file of a diffusers folder: the source's file with every field we
+    model set to the model's value (any other field, ``dtype`` included, written back as it was). A text
+    encoder config without a dtype gets ``float32``, so transformers loads it beside diffusers' fp32 UNet."""
     version = {"_diffusers_version": DIFFUSERS_VERSION}
-    sched = {"_class_name": DEFAULT_CLASS, **version, **sd.scheduler_config.to_dict()}
+    sched = {
+        **_source_config(sd, "scheduler"),
+        "_class_name": DEFAULT_CLASS,
+        **version,
+        **sd.scheduler_config.to_dict(),
+    }
+    text = {
+        **_source_config(sd, "text_encoder"),
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        **sd.config.text_encoder.to_dict(),
+    }
+    if "dtype" not in text and "torch_dtype" not in text:
+        text["dtype"] = "float32"
     return {
         "model_index.json": _model_index(sd),
-        "unet/config.json": {"_class_name": "UNet2DConditionModel", **version, **sd.config.unet.to_dict()},
-        "vae/config.json": {"_class_name": "AutoencoderKL", **version, **sd.config.vae.to_dict()},
-        "text_encoder/config.json": {
-            "architectures": ["CLIPTextModel"],
-            "model_type": "clip_text_model",
-            **sd.config.text_encoder.to_dict(),
+        "unet/config.json": {
+            **_source_config(sd, "unet"),
+            "_class_name": "UNet2DConditionModel",
+            **version,
+            **sd.config.unet.to_dict(),
         },
+        "vae/config.json": {
+            **_source_config(sd, "vae"),
+            "_class_name": "AutoencoderKL",
+            **version,
+            **sd.config.vae.to_dict(),
+        },
+        "text_encoder/config.json": text,
         "scheduler/scheduler_config.json": sched,
     }
+
+
+def single_file_metadata(sd: StableDiffusion) -> dict[str, str]:
+    """What a single file of ours carries so it loads alone: the diffusers folder's configs (by component)
+    and the fingerprint of its tokenizer (the file holds no tokenizer), as one JSON string."""
+    files = config_files(sd)
+    configs: dict[str, Any] = {name: files[rel] for name, rel in CONFIG_PATHS.items()}
+    configs["tokenizer"] = {"fingerprint": tokenizer_fingerprint(sd.tokenizer)}
+    return {SINGLE_FILE_CONFIGS: json.dumps(configs, sort_keys=True, separators=(",", ":"))}
 
 
 def _write_configs_and_tokenizer(sd: StableDiffusion, root: Path) -> None:
     for rel, obj in config_files(sd).items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         safefiles.write_json(root / rel, obj)
-    sd.tokenizer.save_pretrained(str(root / "tokenizer"))
+    try:
+        sd.tokenizer.save_pretrained(str(root / "tokenizer"))
+    except OSError:
+        raise
+    except Exception as e:  # the tokenizers library reports a failed write as a bare Exception
+        raise OSError(_first_line(e)) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _component_header(
@@ -191,7 +262,7 @@ def _write_single_file(sd: StableDiffusion, path: Path, dtype: Any) -> None:
                 cv, rule = by_df[f"{comp}.{key}"]
                 yield cv, to_compvis_layout(rule, arr)
 
-    safefiles.write_safetensors(path, header, tensors)
+    safefiles.write_safetensors(path, header, tensors, metadata=single_file_metadata(sd))
 
 
 def _check_finite(params: dict[str, Any], root: Path) -> None:
@@ -202,16 +273,77 @@ def _check_finite(params: dict[str, Any], root: Path) -> None:
             raise ValueError(f"{root}: param {key!r} holds NaN or inf values; not written")
 
 
-def _write_orbax(sd: StableDiffusion, root: Path) -> None:
-    """Configs and tokenizer as in a diffusers folder; params (memory layout and dtype) as one checkpoint."""
+@contextlib.contextmanager
+def _stderr_held() -> Iterator[dict[str, bool]]:
+    """Hold what the block writes to stderr (``sys.stderr`` and file descriptor 2, which C++ threads use):
+    replayed after it, unless the block sets ``state["drop"]``. A failed orbax write prints thousands of
+    lines of tracebacks from its worker threads; the caller's one error line says what happened."""
+    state = {"drop": False}
+    sys.stderr.flush()
+    saved_fd, saved_stream, text = os.dup(2), sys.stderr, io.StringIO()
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        sys.stderr = text
+        try:
+            yield state
+        finally:
+            sys.stderr = saved_stream
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            if not state["drop"]:
+                held.seek(0)
+                saved_stream.write(text.getvalue() + held.read().decode(errors="replace"))
+
+
+class _DropFailedWrites(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" records of a failed orbax write into ``tmp``: its
+    worker loops still hold such futures and log each one, with a traceback, when it is collected later."""
+
+    def __init__(self, tmp: Path):
+        super().__init__()
+        self.tmp = str(tmp.resolve())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not ("never retrieved" in text and self.tmp in text)
+
+
+def _silence_failed_futures(tmp: Path) -> None:
+    logging.getLogger("asyncio").addFilter(_DropFailedWrites(tmp))
+    warnings.filterwarnings("ignore", "coroutine 'async_serialize_from_host", RuntimeWarning)
+
+
+def _orbax_reason(e: BaseException, tmp: Path, dest: Path) -> str:
+    """One line for an orbax failure: the disk being full said plainly, else orbax's first line with our
+    hidden temporary's path replaced by the destination."""
+    text = str(e)
+    if "No space left on device" in text or "os_error_code='28'" in text:
+        return "No space left on device"
+    return _first_line(e).replace(str(tmp.resolve()), str(dest)).replace(str(tmp), str(dest))[:300]
+
+
+def _write_orbax(sd: StableDiffusion, root: Path, dest: Path) -> None:
+    """Configs and tokenizer as in a diffusers folder; params (memory layout and dtype) as one checkpoint.
+    ``dest`` is the path the user asked for, named in errors instead of the temporary ``root``."""
     import orbax.checkpoint as ocp
 
     _write_configs_and_tokenizer(sd, root)
     params = {comp: nnx.to_pure_dict(nnx.state(getattr(sd, comp), nnx.Param)) for comp in COMPONENTS}
     _check_finite(params, root)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save((root / ORBAX_PARAMS).resolve(), params)
-        ckptr.wait_until_finished()
+    reason = None
+    with _stderr_held() as held:
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save((root / ORBAX_PARAMS).resolve(), params)
+                ckptr.wait_until_finished()
+        except Exception as e:  # orbax and tensorstore raise ValueError, RuntimeError, OSError...
+            reason = _orbax_reason(e, root, dest)
+        if reason is not None:  # orbax's failed futures log as they are collected: while held, and dropped
+            held["drop"] = True
+            gc.collect()
+    if reason is not None:
+        _silence_failed_futures(root)
+        raise SaveError(f"writing {dest} failed (orbax: {reason}); nothing was written there")
     # the source's key forms and dtypes travel along, so a later diffusers export writes them again
     meta = {"format": "jax_erasepro.orbax", "version": 1, "source_components": sd.source.components}
     safefiles.write_json(root / ORBAX_MARKER, meta)
@@ -253,7 +385,7 @@ def save_pretrained(
         elif format == "single_file":
             _write_single_file(sd, tmp, dtype)
         elif format == "orbax":
-            _write_orbax(sd, tmp)
+            _write_orbax(sd, tmp, dest)
         elif format == "delta":
             write_delta(sd, base, tmp, edited_keys=edited_keys, metadata=metadata)
         else:

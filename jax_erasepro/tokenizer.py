@@ -6,9 +6,12 @@ concept silently cut off the end of a prompt would be erased wrongly.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import warnings
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +20,48 @@ import numpy as np
 logging.getLogger("transformers").addFilter(lambda record: "PyTorch was not found" not in record.getMessage())
 from transformers import CLIPTokenizer  # noqa: E402
 
+from jax_erasepro.errors import LoadError  # noqa: E402
+from jax_erasepro.models.config import read_json_object  # noqa: E402
+
+# The JSON files a tokenizer folder may hold; each is checked first, so a broken one is named.
+JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
+
+
+def clip_tokenizer_path() -> Path:
+    """SD v1.x's tokenizer (openai/clip-vit-large-patch14's CLIP BPE), shipped inside the package."""
+    return Path(str(resources.files("jax_erasepro") / "assets" / "clip_tokenizer"))
+
 
 def load_tokenizer(path: str | Path) -> CLIPTokenizer:
     """A CLIP tokenizer from SD's ``tokenizer/`` folder: ``vocab.json`` + ``merges.txt`` (the files SD
-    ships), or the ``tokenizer.json`` that transformers 5 writes."""
+    ships), or the ``tokenizer.json`` that transformers 5 writes. A broken file is one LoadError naming it."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         for name in ("vocab.json", "merges.txt"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"missing tokenizer file: {path / name}")
-    return CLIPTokenizer.from_pretrained(str(path))
+    for name in JSON_FILES:
+        if (path / name).is_file():
+            read_json_object(path / name)
+    if (path / "merges.txt").is_file():
+        try:
+            (path / "merges.txt").read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LoadError(f"{path / 'merges.txt'}: not UTF-8 text (byte {e.start})") from None
+    try:
+        return CLIPTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers and tokenizers raise many types on a bad file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"{path}: cannot read the tokenizer ({first})") from None
+
+
+def tokenizer_fingerprint(tokenizer: CLIPTokenizer) -> str:
+    """A hash of what decides a tokenizer's ids (vocabulary and special tokens), so a file can say which
+    tokenizer its model needs without carrying it."""
+    names = ("bos_token", "eos_token", "pad_token", "unk_token")
+    special = {k: str(getattr(tokenizer, k, None)) for k in names}
+    blob = {"vocab": sorted(tokenizer.get_vocab().items()), "special": special}
+    return hashlib.sha256(json.dumps(blob, separators=(",", ":")).encode()).hexdigest()
 
 
 def tokenize(

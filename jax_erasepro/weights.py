@@ -25,6 +25,7 @@ from flax import nnx
 from jax_erasepro.errors import LoadError
 
 LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16))
 
 
 class WeightsError(LoadError):
@@ -153,6 +154,9 @@ def load_state_dict(
         for _, key, _, _ in entries:
             src = get(key)
             src = src if hasattr(src, "read_into") else np.asarray(src)
+            kind = np.dtype(src.dtype)
+            if kind not in FLOAT_DTYPES:  # a cast would silently turn ids or bytes into weights
+                raise WeightsError(f"{source}: key {key!r} holds {kind.name} values, not float weights")
             if tuple(src.shape) != want:
                 raise WeightsError(f"{source}: key {key!r} has shape {src.shape}, the config expects {want}")
             sources.append(src)
