@@ -148,6 +148,8 @@ def convert(value: Any, hint: Any, name: str) -> Any:
         elif hint is str:
             if isinstance(value, str):
                 return value
+            if isinstance(value, int) and not isinstance(value, bool):  # YAML's bare ``variant: 2023``
+                return str(value)
         elif typing.get_origin(hint) is tuple:
             if isinstance(value, str):
                 value = json.loads(value)  # a JSON list from the command line

@@ -19,6 +19,18 @@ def test_every_method_describes_every_option():
         method.options()  # the defaults validate
 
 
+def test_docs_list_every_option_with_its_default():
+    """docs/methods.md has a table row for every option of every registered method (implicit's inherited
+    options are ErasePro's rows)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "methods.md").read_text()
+    for method in METHODS.values():
+        assert f"## `{method.name}`" in text, method.name
+        for row in method.describe():
+            assert f"| `{row['name']}` |" in text, (method.name, row["name"])
+
+
 def test_text_values_take_the_declared_type():
     uce = get_method("uce")
     opts = uce.make_options({"lam": "1e-2", "preserve_scale": "none", "precision": "float64"})
@@ -28,6 +40,7 @@ def test_text_values_take_the_declared_type():
     )
     assert ep == EraseProOptions(start_layer=3, last_token_only=False, retain=("", "a cat"), ridge=1.0)
     assert isinstance(ep.ridge, float)
+    assert get_method("uce").make_options({"variant": 2025}).variant == "2025"  # YAML reads 2025 as an int
     assert get_method("erasepro-implicit").make_options({"strength": "strong"}) == ImplicitOptions(
         "protected", strength="strong"
     )
