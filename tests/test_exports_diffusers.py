@@ -13,10 +13,31 @@ from diffusers import StableDiffusionPipeline
 import jax_erasepro as jep
 from jax_erasepro.delta import replace_tensors
 from jax_erasepro.saving import source_dtype
-from jax_erasepro.tiny import tiny_random_sd
+from jax_erasepro.tiny import SD_SCHEDULER, TINY_TEXT, TINY_UNET, TINY_VAE
 from jax_erasepro.weights import to_state_dict
+from tests.torch_bridge import TOKENIZER, sd_from_torch
 
 ATTN2_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+
+
+def _tiny_in_memory():
+    """A model of the tiny config built in memory (no source files, so no source configs to keep), its
+    random weights drawn by torch: the same kind of model as ``tiny_random_sd``, without its compile time."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(3)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(TINY_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT)),
+        tokenizer=CLIPTokenizer.from_pretrained(str(TOKENIZER)),
+        unet=UNet2DConditionModel.from_config(TINY_UNET),
+        scheduler=PNDMScheduler.from_config(SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return sd_from_torch(pipe)
 
 
 def _edited(sd):
@@ -32,7 +53,7 @@ def _edited(sd):
 def exports(request, tmp_path_factory):
     """(edited model, base folder, {format: path}) for one model."""
     tmp = tmp_path_factory.mktemp(request.param)
-    base = tiny_random_sd(seed=3) if request.param == "tiny" else jep.load_pretrained()
+    base = _tiny_in_memory() if request.param == "tiny" else jep.load_pretrained()
     edited = _edited(base)
     base_dir = jep.save_pretrained(base, tmp / "base")
     paths = {
@@ -89,7 +110,7 @@ def test_lora_on_the_base(exports):
     pipe.fuse_lora()
     got = pipe.unet.get_submodule(ATTN2_K.removesuffix(".weight")).base_layer.weight.detach().numpy()
     want, old = to_state_dict(edited.unet)[ATTN2_K], to_state_dict(base.unet)[ATTN2_K]
-    old_stored = old.astype(source_dtype(base, "unet", ATTN2_K)).astype(np.float32)  # what the base folder holds
+    old_stored = old.astype(source_dtype(base, "unet", ATTN2_K)).astype(np.float32)  # in the base folder
     assert np.linalg.norm(got - (want - old + old_stored)) <= 1e-5 * np.linalg.norm(want - old)
 
 
