@@ -388,3 +388,45 @@ def test_load_ckpt_refuses_code_execution(tmp_path):
     with pytest.raises(WeightsError, match="refusing to unpickle"):
         load_ckpt(tmp_path / "evil.pkl")
     assert not marker.exists()
+
+
+def _compvis_shapes(unet: dict, vae: dict, text: dict) -> dict:
+    """CompVis key -> shape of a single file in these configs, without building any tensor."""
+    from jax_erasepro.compvis import _rows, compvis_shape
+
+    return {cv: compvis_shape(rule, shape) for cv, _, rule, shape in _rows(unet, vae, text)}
+
+
+def test_architecture_inferred_from_shapes_is_sd14s(sd14_dir):
+    """What a standard SD v1.4 file's shapes fix equals diffusers' own SD v1.4 configs, field by field."""
+    from jax_erasepro.compvis import infer_configs
+
+    cfg = {c: json.loads((sd14_dir / c / "config.json").read_text()) for c in COMPONENTS}
+    defaults = {"use_linear_projection": False, "transformer_layers_per_block": 1}  # diffusers' when absent
+    for comp, fields in infer_configs(_compvis_shapes(cfg["unet"], cfg["vae"], cfg["text_encoder"])).items():
+        for key, value in fields.items():
+            assert cfg[comp].get(key, defaults.get(key)) == value, (comp, key)
+
+
+def test_inference_refuses_what_it_cannot_tell():
+    """SD v2.x's UNet shapes give 64 channels per head; its OpenCLIP text encoder, and an unknown context
+    width, are one WeightsError each saying what to pass instead."""
+    from jax_erasepro.compvis import infer_configs
+
+    v2_unet = dict(
+        UNET_TINY,
+        block_out_channels=(320, 640),
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10),
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+    shapes = _compvis_shapes(v2_unet, VAE_TINY, TEXT_TINY)
+    unet = infer_configs(shapes)["unet"]
+    assert unet["attention_head_dim"] == [5, 10] and unet["use_linear_projection"] is True
+    with pytest.raises(WeightsError, match="SD v2.x file.*OpenCLIP"):
+        infer_configs({**shapes, "cond_stage_model.model.ln_final.weight": (1024,)})
+    with pytest.raises(WeightsError, match="cross-attention width 32.*config="):
+        infer_configs(_compvis_shapes(UNET_TINY, VAE_TINY, TEXT_TINY))
+    with pytest.raises(WeightsError, match="no tensor.*config="):
+        infer_configs({"model.diffusion_model.out.2.weight": (4, 32, 3, 3)})
