@@ -21,7 +21,7 @@ from jax_erasepro.saving import save_pretrained
 from jax_erasepro.tiny import tiny_random_sd
 from jax_erasepro.weights import WeightsError, to_state_dict
 from tests.conftest import assert_same_params
-from tests.torch_bridge import torch_pipeline
+from tests.torch_bridge import TOKENIZER, torch_pipeline
 
 WEIGHTS = {
     "unet": "unet/diffusion_pytorch_model.safetensors",
@@ -144,6 +144,37 @@ def test_single_file_loads_in_diffusers(sd, tmp_path, dtype):
             assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (name, k)
     assert load_pretrained(path, config=source).source.format == "single_file"
     assert_same_params(load_pretrained(path, config=source), load_pretrained(source))
+
+
+def test_our_single_file_loads_alone(sd, src, tmp_path):
+    """A single file of ours carries its configs in its header: it loads with no config= and no folder, and
+    exported back to diffusers it is the source folder again (configs included)."""
+    loaded = load_pretrained(src)
+    path = save_pretrained(loaded, tmp_path / "m.safetensors", format="single_file")
+    with safe_open(path, "np") as f:
+        stored = json.loads(f.metadata()["jax_erasepro.configs"])
+    want = json.loads((src / "unet" / "config.json").read_text())
+    assert stored["unet"] == want | {"_diffusers_version": stored["unet"]["_diffusers_version"]}
+    back = load_pretrained(path)
+    assert_same_params(back, loaded)
+    assert (back.config.unet, back.scheduler_config) == (loaded.config.unet, loaded.scheduler_config)
+    assert back.tokenizer("a cat").input_ids == loaded.tokenizer("a cat").input_ids
+    out = save_pretrained(back, tmp_path / "out")
+    for rel in ("unet/config.json", "vae/config.json", "text_encoder/config.json"):
+        assert json.loads((out / rel).read_text()) == json.loads((src / rel).read_text()), rel
+
+
+def test_single_file_with_another_tokenizer_names_the_argument(sd, tmp_path):
+    """The file holds no tokenizer, only its fingerprint: another tokenizer than SD v1.x's CLIP one is asked
+    for by name (tokenizer=), and given, the file loads with it."""
+    from jax_erasepro.errors import LoadError
+
+    tok = sd.tokenizer.__class__.from_pretrained(str(TOKENIZER), pad_token="!")  # SD v2.x's pad token
+    path = save_pretrained(sd.replace(tokenizer=tok), tmp_path / "m.safetensors", format="single_file")
+    with pytest.raises(LoadError, match="tokenizer=<a folder"):
+        load_pretrained(path)
+    tok.save_pretrained(str(tmp_path / "tok"))
+    assert load_pretrained(path, tokenizer=tmp_path / "tok").tokenizer.pad_token == "!"
 
 
 def _compvis_file(source: Path, path: Path) -> Path:
@@ -367,10 +398,19 @@ def test_sd14_size_single_file_and_folder(sd14_dir, tmp_path):
             for (ka, va), (kb, vb) in pairs:
                 assert ka == kb and va.dtype == vb.dtype and np.array_equal(va, vb), ka
 
-    for path in (single, folder):  # the single file with the configs shipped in the package
+    import jax_erasepro.saving as saving
+
+    real = saving.single_file_metadata
+    saving.single_file_metadata = lambda sd: {}  # a standard file: no configs of ours in its header
+    try:
+        plain = save_pretrained(sd, tmp_path / "plain.safetensors", format="single_file", dtype="float16")
+    finally:
+        saving.single_file_metadata = real
+    for path in (single, folder, plain):  # our metadata, the folder, SD v1.x inferred from the shapes alone
         back = load_pretrained(path, dtype="float16")
         same(sd, back)
         del back
+    plain.unlink()
     del sd, models
     gc.collect()
     pipe = StableDiffusionPipeline.from_single_file(
