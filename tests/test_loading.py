@@ -180,6 +180,21 @@ def test_file_tensor_reads_exactly_its_bytes_and_refuses_a_short_file(tmp_path):
         np.asarray(reader.lazy(last))
 
 
+def test_a_file_cut_short_while_open_is_an_error_not_sigbus(tmp_path):
+    """The reader validated the header, then the file shrinks (another process, a full disk): every read
+    fails with WeightsError naming the file. A memory map would have killed the process with SIGBUS."""
+    from jax_erasepro.loading import SafetensorsReader
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": np.ones((64, 64), np.float32), "b": np.ones(8, np.float32)}, str(path))
+    reader = SafetensorsReader(path)
+    with open(path, "r+b") as f:
+        f.truncate(reader.lazy("a").offset + 16)
+    for key in ("a", "b"):
+        with pytest.raises(WeightsError, match="m.safetensors: the file ends inside a tensor"):
+            reader[key]
+
+
 # --- strict safetensors headers: every violation a WeightsError naming the file (and the tensor) -----------
 
 
