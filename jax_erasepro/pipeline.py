@@ -1,12 +1,13 @@
-"""The Stable Diffusion pipeline: prompt encoding and text-to-image sampling.
+"""The Stable Diffusion pipeline: prompt encoding, the sampler's pieces and text-to-image sampling.
 
-The whole denoising loop (classifier-free guidance, scheduler step) is one ``lax.scan`` inside one
-``jit``, followed by the VAE decode, so a generation is a single compiled XLA program.
+The sampler is built from pure functions that other code (training methods, attacks) calls inside its own
+``jit``: ``guided_noise`` (classifier-free guidance), ``sample_step`` (one scheduler step) and
+``denoise_loop`` (a ``lax.scan`` of steps ``start..stop``). ``generate`` runs the whole loop and the VAE
+decode as one compiled XLA program; ``denoise`` runs a range of steps from given latents.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -19,49 +20,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_erasepro import schedulers, sharding
-from jax_erasepro.models.clip import CLIPTextConfig, CLIPTextModel
-from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
-from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
+from jax_erasepro.models.clip import CLIPTextModel
+from jax_erasepro.models.unet import UNet2DConditionModel
+from jax_erasepro.sd import SDConfig, SourceInfo, StableDiffusion
 from jax_erasepro.tokenizer import tokenize
-
-
-@dataclasses.dataclass(frozen=True)
-class SDConfig:
-    """The configs of the three models and the folder's model_index.json."""
-
-    text_encoder: CLIPTextConfig
-    unet: UNet2DConditionConfig
-    vae: AutoencoderKLConfig
-    model_index: dict[str, Any]
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.block_out_channels) - 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceInfo:
-    """Where a model was read from and how its files were laid out, so an export can write the same form."""
-
-    path: str | None
-    format: str
-    components: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class StableDiffusion:
-    """An SD v1.x model: three NNX modules, the tokenizer and the scheduler config."""
-
-    text_encoder: CLIPTextModel
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    tokenizer: Any
-    scheduler_config: schedulers.SchedulerConfig
-    config: SDConfig
-    source: SourceInfo = SourceInfo(path=None, format="memory")
-
-    def replace(self, **changes: Any) -> StableDiffusion:
-        return dataclasses.replace(self, **changes)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -83,6 +45,88 @@ def encode_prompts(sd: StableDiffusion, prompts: Sequence[str] | str) -> jax.Arr
     return encode_tokens(sd.text_encoder, ids)
 
 
+Carry = tuple[jax.Array, schedulers.SchedulerState, jax.Array]  # latents (NHWC), scheduler state, key
+
+
+def guided_noise(
+    unet: UNet2DConditionModel,
+    latents: jax.Array,
+    t: jax.Array,
+    context: jax.Array,
+    guidance_scale: jax.Array | float | None,
+) -> jax.Array:
+    """The U-Net's noise prediction for (B, h, w, C) latents at timestep ``t``.
+
+    With ``guidance_scale`` None, ``context`` is (B, T, d) and the prediction is unguided. Otherwise
+    ``context`` is (2B, T, d) with rows interleaved (uncond_0, cond_0, uncond_1, ...), so a batch shard keeps
+    its pairs local, and the result is eps_u + g (eps_c - eps_u), as diffusers guides.
+    """
+    if guidance_scale is None:
+        return unet(latents, t, context)
+    eps = unet(jnp.repeat(latents, 2, axis=0), t, context).reshape(latents.shape[0], 2, *latents.shape[1:])
+    return eps[:, 0] + guidance_scale * (eps[:, 1] - eps[:, 0])
+
+
+def sample_step(
+    unet: UNet2DConditionModel,
+    schedule: schedulers.Schedule,
+    carry: Carry,
+    i: jax.Array,
+    context: jax.Array,
+    guidance_scale: jax.Array | float | None,
+) -> Carry:
+    """Step ``i`` of the schedule: predict the noise at its timestep, then the scheduler's update."""
+    x, state, key = carry
+    eps = guided_noise(unet, x, schedule.timesteps[i], context, guidance_scale)
+    key, sub = jax.random.split(key)
+    x, state = schedulers.step(schedule, state, i, eps, x, sub)
+    return x, state, key
+
+
+def denoise_loop(
+    unet_def: nnx.GraphDef,
+    unet_params: nnx.State,
+    schedule: schedulers.Schedule,
+    latents: jax.Array,
+    context: jax.Array,
+    guidance_scale: jax.Array | float | None,
+    key: jax.Array,
+    start: int = 0,
+    stop: int | None = None,
+    batch_sharding: NamedSharding | None = None,
+) -> jax.Array:
+    """Steps ``start..stop`` (static) of ``schedule`` as one ``lax.scan``; traceable inside any ``jit``.
+
+    A fresh scheduler state starts the range: exact for DDIM and DDPM from any step, and for PNDM from step
+    0 (its multistep history restarts otherwise). On a mesh (``batch_sharding``) the latents stay split by
+    batch and sharded weights are gathered whole where used (FSDP); left alone, XLA splits activations by
+    channel, with all-reduces in every norm.
+    """
+    stop = schedule.timesteps.shape[0] if stop is None else stop
+
+    def body(carry: Carry, i: jax.Array) -> tuple[Carry, None]:
+        x, state, key = carry
+        unet = nnx.merge(unet_def, _whole(unet_params, batch_sharding))
+        return sample_step(
+            unet, schedule, (_split(x, batch_sharding), state, key), i, context, guidance_scale
+        ), None
+
+    context = _split(context, batch_sharding)
+    state = schedulers.init_state(schedule, latents.shape, latents.dtype)
+    (latents, _, _), _ = jax.lax.scan(body, (latents, state, key), jnp.arange(start, stop))
+    return latents
+
+
+def _whole(tree: Any, batch_sharding: NamedSharding | None) -> Any:
+    if batch_sharding is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, NamedSharding(batch_sharding.mesh, PartitionSpec()))
+
+
+def _split(x: jax.Array, batch_sharding: NamedSharding | None) -> jax.Array:
+    return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 6, 11))
 def _sample(
     unet_def: nnx.GraphDef,
@@ -98,38 +142,76 @@ def _sample(
     scaling_factor: jax.Array,
     batch_sharding: NamedSharding | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Denoise ``latents`` (NHWC) with one lax.scan over the schedule, then decode to images in [0, 1].
-
-    On a mesh (``batch_sharding``) the latents stay split by batch and sharded weights are gathered whole
-    where used (FSDP); left alone, XLA splits activations by channel, with all-reduces in every norm.
-    """
-
-    def whole(tree: Any) -> Any:
-        if batch_sharding is None:
-            return tree
-        return jax.lax.with_sharding_constraint(tree, NamedSharding(batch_sharding.mesh, PartitionSpec()))
-
-    def split(x: jax.Array) -> jax.Array:
-        return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
-
-    def body(carry, i):
-        x, state, key = carry
-        x, t, unet = split(x), schedule.timesteps[i], nnx.merge(unet_def, whole(unet_params))
-        if guided:  # rows interleaved (uncond_0, cond_0, uncond_1, ...): a batch shard keeps its pairs local
-            eps = unet(jnp.repeat(x, 2, axis=0), t, context).reshape(x.shape[0], 2, *x.shape[1:])
-            eps = eps[:, 0] + guidance_scale * (eps[:, 1] - eps[:, 0])
-        else:
-            eps = unet(x, t, context)
-        key, sub = jax.random.split(key)
-        x, state = schedulers.step(schedule, state, i, eps, x, sub)
-        return (x, state, key), None
-
-    context = split(context)
-    state = schedulers.init_state(schedule, latents.shape, latents.dtype)
-    n = schedule.timesteps.shape[0]
-    (latents, _, _), _ = jax.lax.scan(body, (latents, state, key), jnp.arange(n))
-    images = nnx.merge(vae_def, whole(vae_params)).decode(split(latents) / scaling_factor)
+    """Denoise ``latents`` (NHWC) over the whole schedule, then decode to images in [0, 1]."""
+    scale = guidance_scale if guided else None
+    latents = denoise_loop(
+        unet_def, unet_params, schedule, latents, context, scale, key, batch_sharding=batch_sharding
+    )
+    images = nnx.merge(vae_def, _whole(vae_params, batch_sharding)).decode(
+        _split(latents, batch_sharding) / scaling_factor
+    )
     return latents, jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _denoise(
+    unet_def: nnx.GraphDef,
+    unet_params: nnx.State,
+    schedule: schedulers.Schedule,
+    latents: jax.Array,
+    context: jax.Array,
+    guidance_scale: jax.Array | None,
+    start: int,
+    stop: int,
+    key: jax.Array,
+) -> jax.Array:
+    return denoise_loop(unet_def, unet_params, schedule, latents, context, guidance_scale, key, start, stop)
+
+
+def denoise(
+    sd: StableDiffusion,
+    latents: jax.Array,
+    context: jax.Array,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    uncond_context: jax.Array | None = None,
+    scheduler: str | None = None,
+    seed: int = 0,
+) -> jax.Array:
+    """Run sampling steps ``start..stop`` of a ``num_inference_steps`` schedule from (B, h, w, C) latents.
+
+    ``context`` is (B, T, d) from ``encode_prompts``; guidance (``guidance_scale > 1``) uses
+    ``uncond_context`` (default: the empty prompt's). ESD-style training samples x_t this way (steps 0..t),
+    then asks ``guided_noise`` at step t. Returns the latents after step ``stop - 1``.
+    """
+    schedule = schedulers.make_schedule(sd.scheduler_config, scheduler, num_inference_steps)
+    n = schedule.timesteps.shape[0]
+    stop = n if stop is None else stop
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"need 0 <= start <= stop <= {n}, got start={start}, stop={stop}")
+    context = jnp.asarray(context, jnp.float32)
+    scale = None
+    if guidance_scale > 1.0:
+        if uncond_context is None:
+            uncond_context = encode_prompts(sd, [""])
+        uncond = jnp.broadcast_to(uncond_context, context.shape)
+        context = jnp.stack([uncond, context], axis=1).reshape(-1, *context.shape[1:])
+        scale = jnp.float32(guidance_scale)
+    unet_def, unet_params = nnx.split(sd.unet)
+    return _denoise(
+        unet_def,
+        unet_params,
+        schedule,
+        jnp.asarray(latents, jnp.float32),
+        context,
+        scale,
+        start,
+        stop,
+        jax.random.key(seed + 1),
+    )
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
@@ -229,3 +311,19 @@ def generate(
     if return_latents:
         return images, np.asarray(jnp.transpose(out_latents, (0, 3, 1, 2)))
     return images
+
+
+__all__ = [
+    "SDConfig",
+    "SourceInfo",
+    "StableDiffusion",
+    "denoise",
+    "denoise_loop",
+    "encode_prompts",
+    "encode_tokens",
+    "generate",
+    "guided_noise",
+    "initial_latents",
+    "sample_step",
+    "to_uint8",
+]

@@ -67,3 +67,53 @@ def test_sd_is_not_mutated_by_generate(models):
     generate(sd, "x", num_inference_steps=2, height=16, width=16)
     after = nnx.state(sd.unet, nnx.Param)
     assert all(a is b for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
+
+
+def test_denoise_over_the_whole_schedule_is_generate(models):
+    """The public step range reproduces the fused sampler's latents (same noise, same guidance)."""
+    from jax_erasepro.pipeline import denoise
+
+    sd, _ = models
+    latents = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    _, want = generate(
+        sd,
+        PROMPTS,
+        latents=latents,
+        scheduler="ddim",
+        num_inference_steps=5,
+        height=16,
+        width=16,
+        return_latents=True,
+    )
+    nhwc = np.transpose(latents, (0, 2, 3, 1))
+    got = denoise(sd, nhwc, encode_prompts(sd, PROMPTS), num_inference_steps=5, scheduler="ddim")
+    assert_close(np.transpose(got, (0, 3, 1, 2)), want, rel=1e-5)
+
+
+def test_denoise_in_two_ranges_equals_one_range(models):
+    """DDIM is stateless between steps, so steps 0..2 then 2..5 land where 0..5 does."""
+    from jax_erasepro.pipeline import denoise
+
+    sd, _ = models
+    x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+    ctx = encode_prompts(sd, PROMPTS[:1])
+    kw = dict(num_inference_steps=5, scheduler="ddim")
+    whole = denoise(sd, x, ctx, **kw)
+    parts = denoise(sd, denoise(sd, x, ctx, stop=2, **kw), ctx, start=2, **kw)
+    assert_close(parts, whole, rel=1e-5)
+    assert np.array_equal(denoise(sd, x, ctx, start=3, stop=3, **kw), x)  # an empty range changes nothing
+    with pytest.raises(ValueError, match="start <= stop"):
+        denoise(sd, x, ctx, start=4, stop=2, **kw)
+
+
+def test_guided_noise_is_the_guidance_formula(models):
+    from jax_erasepro.pipeline import guided_noise
+
+    sd, _ = models
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    uncond, cond = encode_prompts(sd, ["", ""]), encode_prompts(sd, PROMPTS)
+    t = np.int32(500)
+    interleaved = np.stack([uncond, cond], axis=1).reshape(4, *cond.shape[1:])
+    eps_u, eps_c = sd.unet(x, t, uncond), sd.unet(x, t, cond)
+    assert_close(guided_noise(sd.unet, x, t, interleaved, 3.0), eps_u + 3.0 * (eps_c - eps_u), rel=1e-5)
+    assert_close(guided_noise(sd.unet, x, t, cond, None), eps_c, rel=1e-6)
