@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     a = sub.add_parser("to-diffusers", help="single file -> diffusers folder")
     a.add_argument("src", type=Path, help="a CompVis .safetensors (or .ckpt)")
     a.add_argument("out", type=Path, help="the diffusers folder to write")
-    a.add_argument("--config", type=Path, help="a diffusers folder with the configs (default: SD v1.4's)")
+    a.add_argument("--config", type=Path, help="diffusers folder with configs (default: the file's own)")
     b = sub.add_parser("to-single-file", help="diffusers folder -> single file")
     b.add_argument("src", type=Path, help="a diffusers folder")
     b.add_argument("out", type=Path, help="the .safetensors file to write")

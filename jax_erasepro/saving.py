@@ -281,18 +281,21 @@ def _stderr_held() -> Iterator[dict[str, bool]]:
     state = {"drop": False}
     sys.stderr.flush()
     saved_fd, saved_stream, text = os.dup(2), sys.stderr, io.StringIO()
+    hook, unraisable = sys.unraisablehook, []
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
-        sys.stderr = text
+        sys.stderr, sys.unraisablehook = text, unraisable.append
         try:
             yield state
         finally:
-            sys.stderr = saved_stream
+            sys.stderr, sys.unraisablehook = saved_stream, hook
             os.dup2(saved_fd, 2)
             os.close(saved_fd)
             if not state["drop"]:
                 held.seek(0)
                 saved_stream.write(text.getvalue() + held.read().decode(errors="replace"))
+                for args in unraisable:
+                    hook(args)
 
 
 class _DropFailedWrites(logging.Filter):

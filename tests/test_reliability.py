@@ -4,7 +4,9 @@ are checked on save. Each case counts in docs/reliability.md's corpus."""
 
 import fcntl
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -357,3 +359,171 @@ def test_bfloat16_files_are_written(sd, tmp_path):
         key = next(iter(f.keys()))
         assert f.get_slice(key).get_dtype() == "BF16"
     load_pretrained(out, config=save_pretrained(sd, tmp_path / "cfg"))
+
+
+# --- 11 and 12. one clear line for every bad input: configs, dtype, markers, full disk, read-only, ints --
+
+
+@pytest.fixture(scope="module")
+def saved(sd, tmp_path_factory):
+    return save_pretrained(sd, tmp_path_factory.mktemp("saved") / "model")
+
+
+def _one_line(e: BaseException, *names: str) -> None:
+    assert "\n" not in str(e) and all(n in str(e) for n in names), str(e)
+
+
+BAD_FILES = [
+    ("model_index.json", b'{"unet": ', "not valid JSON"),
+    ("model_index.json", b'{"unet": "\xff"}', "not UTF-8"),
+    ("unet/config.json", b"[1, 2]", "holds a JSON list"),
+    ("text_encoder/config.json", b"{", "not valid JSON"),
+    ("tokenizer/tokenizer.json", b'{"model": ', "not valid JSON"),
+    ("tokenizer/tokenizer_config.json", b"\xff\xfe", "not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("rel, content, message", BAD_FILES, ids=[f"{r}: {m}" for r, _, m in BAD_FILES])
+def test_broken_json_names_the_file(saved, tmp_path, rel, content, message):
+    from jax_erasepro.errors import LoadError
+
+    model = tmp_path / "model"
+    shutil.copytree(saved, model)
+    (model / rel).write_bytes(content)
+    with pytest.raises(LoadError, match=message) as e:
+        load_pretrained(model)
+    _one_line(e.value, str(model / rel))
+
+
+BAD_VALUES = [
+    ("vae/config.json", "norm_num_groups", 0, "must be at least 1"),
+    ("unet/config.json", "block_out_channels", [32, None], "wrong type"),
+    ("unet/config.json", "in_channels", "four", "wrong type"),
+    ("text_encoder/config.json", "hidden_size", None, "wrong type"),
+]
+
+
+@pytest.mark.parametrize("rel, key, value, message", BAD_VALUES, ids=[f"{b[1]}={b[2]!r}" for b in BAD_VALUES])
+def test_bad_config_values_name_file_and_key(saved, tmp_path, rel, key, value, message):
+    from jax_erasepro.errors import ConfigError
+
+    model = tmp_path / "model"
+    shutil.copytree(saved, model)
+    cfg = json.loads((model / rel).read_text())
+    (model / rel).write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ConfigError, match=message) as e:
+        load_pretrained(model)
+    _one_line(e.value, str(model / rel), key)
+
+
+def test_a_non_float_dtype_is_refused(saved):
+    from jax_erasepro.errors import LoadError
+
+    for dtype in ("int8", "nope"):
+        with pytest.raises(LoadError, match=f"dtype='{dtype}'") as e:
+            load_pretrained(saved, dtype=dtype)
+        _one_line(e.value, "float32")
+
+
+def test_integer_tensors_are_refused_naming_the_key(saved, tmp_path):
+    from safetensors.numpy import load_file
+
+    model = tmp_path / "model"
+    shutil.copytree(saved, model)
+    path = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    save_file(dict(tensors, **{"conv_in.bias": tensors["conv_in.bias"].astype(np.int32)}), str(path))
+    from jax_erasepro.weights import WeightsError
+
+    with pytest.raises(WeightsError, match="'conv_in.bias' holds int32 values") as e:
+        load_pretrained(model)
+    _one_line(e.value, str(path))
+
+
+@pytest.mark.parametrize(
+    "content", [b"{", b"[]", b'{"format": "jax_erasepro.delta", "edited": "unet.x"}'], ids=str
+)
+def test_a_malformed_delta_record_names_the_file(sd, tmp_path, content):
+    from jax_erasepro.delta import apply_delta
+    from jax_erasepro.errors import LoadError
+
+    out = save_pretrained(_edited(sd), tmp_path / "delta", format="delta", base=sd)
+    (out / "delta.json").write_bytes(content)
+    with pytest.raises(LoadError) as e:
+        apply_delta(sd, out)
+    _one_line(e.value, str(out / "delta.json"))
+
+
+@pytest.mark.parametrize("content", [b"{", b"[]", b'{"format": "jax_erasepro.orbax"}'], ids=str)
+def test_a_malformed_orbax_marker_names_the_file(sd, tmp_path, content):
+    from jax_erasepro.errors import LoadError
+
+    out = save_pretrained(sd, tmp_path / "orbax", format="orbax")
+    (out / "jax_erasepro_orbax.json").write_bytes(content)
+    with pytest.raises(LoadError) as e:
+        load_pretrained(out)
+    _one_line(e.value, str(out / "jax_erasepro_orbax.json"))
+
+
+def _mounted_tmpfs(path: Path, size: int) -> bool:
+    path.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    return subprocess.run(command, capture_output=True, check=False).returncode == 0
+
+
+def test_a_full_disk_while_writing_orbax_is_one_line(sd, tmp_path, monkeypatch, capfd):
+    """A small tmpfs where the configs fit and the params do not (or, where mounting is not allowed, orbax's
+    write raising ENOSPC): one SaveError naming the destination, nothing left, no flood of tracebacks."""
+    full = save_pretrained(sd, tmp_path / "sized", format="orbax")
+    small = sum(p.stat().st_size for p in full.rglob("*") if p.is_file() and "params" not in p.parts)
+    disk = tmp_path / "disk"
+    mounted = _mounted_tmpfs(disk, small + (1 << 16))
+    if not mounted:
+        import orbax.checkpoint as ocp
+
+        def no_space(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(ocp.StandardCheckpointer, "save", no_space)
+    capfd.readouterr()
+    try:
+        with pytest.raises(safefiles.SaveError, match="No space left on device") as e:
+            save_pretrained(sd, disk / "model", format="orbax")
+        _one_line(e.value, str(disk / "model"))
+        assert ".tmp-" not in str(e.value) and list(disk.iterdir()) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=True)
+    assert len(capfd.readouterr().err.splitlines()) <= 2
+
+
+@pytest.mark.parametrize("fmt, name", [("diffusers", "model"), ("single_file", "m.safetensors")])
+def test_a_read_only_destination_names_it(sd, tmp_path, monkeypatch, fmt, name):
+    """A folder we may not write into: one SaveError naming what the user asked for, not our temporary.
+    (As root, permissions do not stop writes, so the file system's refusal is simulated.)"""
+    import errno
+
+    place = tmp_path / "ro"
+    place.mkdir()
+    place.chmod(0o555)
+    if os.geteuid() == 0:
+        real_mkdir, real_open = os.mkdir, os.open
+
+        def refuse(real):
+            def call(path, *args, **kwargs):
+                if Path(path).parent == place:
+                    raise OSError(errno.EROFS, "Read-only file system", str(path))
+                return real(path, *args, **kwargs)
+
+            return call
+
+        monkeypatch.setattr(os, "mkdir", refuse(real_mkdir))
+        monkeypatch.setattr(os, "open", refuse(real_open))
+    try:
+        with pytest.raises(safefiles.SaveError) as e:
+            save_pretrained(sd, place / name, format=fmt)
+    finally:
+        place.chmod(0o755)
+    _one_line(e.value, str(place / name))
+    assert ".tmp-" not in str(e.value) and ".new-" not in str(e.value)
+    assert list(place.iterdir()) == []
