@@ -549,11 +549,14 @@ def cmd_methods(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jax-erasepro", description=__doc__, formatter_class=_Help)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # --debug is also accepted after the command; SUPPRESS keeps the top-level value when it is not given
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = "diffusers folder, orbax folder or single-file .safetensors (default: the embedded model)"
 
     gen = sub.add_parser("generate", help="text-to-image sampling to a labelled PNG grid",
-                         formatter_class=_Help)
+                         formatter_class=_Help, parents=[debug])
     gen.add_argument("--prompt", action="append", required=True, help="one row of the grid; repeat for more")
     gen.add_argument("--images", type=_count, default=1, help="images per prompt (the same noise per column)")
     gen.add_argument("--model", default=None, help=model_help)
@@ -566,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     er = sub.add_parser("erase", help="erase concepts; writes the model, report and before/after grid",
-                        formatter_class=_Help, epilog=ERASE_EPILOG)
+                        formatter_class=_Help, epilog=ERASE_EPILOG,
+                        parents=[debug])
     er.add_argument("--target", action="append", help="concept to erase (repeat for several)")
     er.add_argument("--anchor", action="append",
                     help="what each target becomes: one for all, or one each; '' erases towards nothing "
@@ -595,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     er.set_defaults(func=cmd_erase)
 
     ev = sub.add_parser("evaluate", help="judge an erasure on generated images, before and after",
-                        formatter_class=_Help)
+                        formatter_class=_Help, parents=[debug])
     ev.add_argument("--erased", required=True, help="an erase output folder (model/, report.json) or a model")
     ev.add_argument("--original", default=None, help="the model before erasure (default: the embedded model)")
     ev.add_argument("--target", action="append", help="erased concept (default: from report.json)")
@@ -611,12 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     rep = sub.add_parser("report", help="print an erasure report (a report.json or the folder holding it)",
-                         formatter_class=_Help)
+                         formatter_class=_Help, parents=[debug])
     rep.add_argument("path", help="report.json or an erase output folder")
     rep.set_defaults(func=cmd_report)
 
     met = sub.add_parser("methods", help="list the erasure methods, or one method's options",
-                         formatter_class=_Help)
+                         formatter_class=_Help, parents=[debug])
     met.add_argument("name", nargs="?", choices=list(REGISTRY), help="a method: list its options")
     met.set_defaults(func=cmd_methods)
     return parser

@@ -64,7 +64,6 @@ def test_erase_writes_model_report_grid_and_quick_evaluation(erased):
 @pytest.mark.parametrize("fmt", ["single_file", "orbax", "delta", "lora"])  # diffusers: the fixture's
 def test_erase_writes_each_format_with_typed_options(fmt, erased, tmp_path, capsys):
     import jax_erasepro as jep
-    from jax_erasepro.default_model import default_model_path
 
     out = tmp_path / "out"
     argv = ["erase", "--target", "zorbly", "--anchor", "star", "--preserve", "quibbet", *FAST, "--no-eval"]
@@ -76,13 +75,17 @@ def test_erase_writes_each_format_with_typed_options(fmt, erased, tmp_path, caps
     if fmt == "single_file":
         assert {p.name for p in out.iterdir()} == {"model.safetensors", "report.json", "report.png",
                                                   "before_after.png"}
-        jep.load_pretrained(out / "model.safetensors", config=default_model_path())
+        assert cli._erased_model(out) == (str(out / "model.safetensors"), False)  # what evaluate loads
+        jep.load_pretrained(out / "model.safetensors")
     elif fmt == "delta":
-        edited = jep.apply_delta(jep.load_pretrained(), out / "model")
-        assert edited.tokenizer is not None
+        assert cli._erased_model(out) == (str(out / "model"), True)
+        jep.apply_delta(jep.load_pretrained(), out / "model")
     elif fmt == "lora":
         assert (out / "model" / "lora.json").is_file()
+        with pytest.raises(cli.UsageError, match="holds a LoRA export"):
+            cli._erased_model(out)
     else:
+        assert cli._erased_model(out) == (str(out / "model"), False)
         jep.load_pretrained(out / "model")
 
 
@@ -195,9 +198,11 @@ def test_many_targets_print_what_to_expect_before_loading(tmp_path, capsys, no_l
     assert "note: erasing 150 concepts: expect about 21 s and 0.6 GB" in capsys.readouterr().err
 
 
-def test_debug_shows_the_traceback(tmp_path, no_load):
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(where, tmp_path, no_load):
+    argv = ["erase", "--out", str(tmp_path / "out")]
     with pytest.raises(cli.UsageError, match="no target concept"):
-        cli.main(["--debug", "erase", "--out", str(tmp_path / "out")])
+        cli.main(["--debug", *argv] if where == "before" else [*argv, "--debug"])
 
 
 # --- methods and help -------------------------------------------------------------------------------------
