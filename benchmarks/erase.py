@@ -151,7 +151,7 @@ def save_edits(sd: StableDiffusion, edited: list[str], path: Path) -> None:
     wanted = {k[len(prefix) :] for k in edited if k.startswith(prefix)}
     state = {prefix + k: v for k, v in iter_state_dict(sd.text_encoder, keys=wanted)}
     state.update(
-        {b.keys[i]: np.asarray(k).T for b in unet_cross_attention(sd.unet) for i, k in enumerate(b.kernels)}
+        {b.keys[i]: np.asarray(k).T for b in unet_cross_attention(sd) for i, k in enumerate(b.kernels)}
     )
     save_file({k: np.ascontiguousarray(state[k]) for k in edited}, str(path))
 
@@ -161,7 +161,7 @@ def run(sizes: list[int], out: Path) -> dict:
     sd = build_sd()
     load_s = time.perf_counter() - t0
     state = to_state_dict(sd.text_encoder)
-    kv = [torch.from_numpy(np.asarray(k).T.copy()) for b in unet_cross_attention(sd.unet) for k in b.kernels]
+    kv = [torch.from_numpy(np.asarray(k).T.copy()) for b in unet_cross_attention(sd) for k in b.kernels]
     rows = []
     for n in sizes:
         targets = concepts(n)

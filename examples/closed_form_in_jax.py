@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     sd = jep.load_pretrained()
-    bucket = unet_cross_attention(sd.unet)[0]
+    bucket = unet_cross_attention(sd)[0]
     w_o = jnp.swapaxes(bucket.stack(), -1, -2)  # (n, d_out, d_in): the library keeps kernels as (in, out)
     n = 6  # token states per prompt: BOS, up to 4 tokens, EOS
     x = columns(sd, [f"a picture of {c}" for c in args.concepts], n)  # (C, d, n)

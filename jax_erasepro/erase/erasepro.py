@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -29,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jax_erasepro.erase.columns import CONCEPT, KINDS, PADDING, Columns, EraseError, build_columns
-from jax_erasepro.erase.layers import unet_cross_attention
+from jax_erasepro.erase.layers import replace_buckets, replace_qkv, unet_cross_attention
 from jax_erasepro.erase.methods import Request, check_choices, option
 from jax_erasepro.erase.report import EraseReport
 from jax_erasepro.erase.retain import default_retain
@@ -459,7 +458,7 @@ def erase_erasepro(
     n_cand = min(n_pad, d_text)
     n_core = min(n_cand, max(1, _round_up(int(np.sum(cols.kind[:n_hard] != PADDING)), COLUMN_BUCKET)))
     graphdef, params = nnx.split(sd.text_encoder)
-    buckets = unet_cross_attention(sd.unet)
+    buckets = unet_cross_attention(sd)
     unet_weights = tuple(b.stack() for b in buckets)
     col_arrays = {
         "x_row": cols.x_row,
@@ -515,14 +514,13 @@ def erase_erasepro(
     finite = all(bool(np.all(m["finite"])) for m in [text_metrics, *unet_metrics] if m)
     if not finite:
         raise EraseError("NaN or inf in the features or in a solution: the model was left unchanged")
-    text_encoder, edited, entries = sd.text_encoder, [], []
+    erased, edited, entries = sd, [], []
     if edit_text:
-        text_encoder, keys = _replace_qkv(sd.text_encoder, start_layer - 1, qkv)
+        erased, keys = replace_qkv(erased, start_layer - 1, qkv)
         edited += keys
         entries += _text_entries(keys, text_metrics, start_layer - 1)
-    unet = sd.unet
     if edit_unet:
-        unet, keys = _replace_buckets(sd.unet, buckets, new_unet)
+        erased, keys = replace_buckets(erased, buckets, new_unet)
         edited += keys
         for b, metrics in zip(buckets, unet_metrics, strict=True):
             entries += _bucket_entries(b, metrics)
@@ -569,40 +567,7 @@ def erase_erasepro(
         edited=sorted(edited),
         notes=notes,
     )
-    return sd.replace(text_encoder=text_encoder, unet=unet), report
-
-
-def _replace_qkv(
-    text_encoder: nnx.Module, start: int, qkv: Sequence[jax.Array]
-) -> tuple[nnx.Module, list[str]]:
-    """A new text encoder whose stacked q/k/v kernels of layers [start, L) are ``qkv``: three (L - start,
-    d_in, d_out) stacks."""
-    graphdef, state = nnx.split(text_encoder)
-    flat = dict(nnx.to_flat_state(state))
-    keys = []
-    for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-        path = ("encoder", "layers", "self_attn", name, "kernel")
-        var = flat[path]
-        old = jnp.asarray(var[...])
-        flat[path] = var.replace(qkv[j] if start == 0 else jnp.concatenate([old[:start], qkv[j]]))
-        keys += [
-            f"text_encoder.encoder.layers.{i}.self_attn.{name}.weight"
-            for i in range(start, start + qkv[j].shape[0])
-        ]
-    return nnx.merge(graphdef, nnx.from_flat_state(flat)), keys
-
-
-def _replace_buckets(
-    unet: nnx.Module, buckets: list, kernels: Sequence[jax.Array]
-) -> tuple[nnx.Module, list]:
-    graphdef, state = nnx.split(unet)
-    flat = dict(nnx.to_flat_state(state))
-    keys = []
-    for bucket, new in zip(buckets, kernels, strict=True):
-        for path, k in zip(bucket.paths, new, strict=True):
-            flat[path] = flat[path].replace(jnp.asarray(k))
-        keys += bucket.keys
-    return nnx.merge(graphdef, nnx.from_flat_state(flat)), keys
+    return erased, report
 
 
 def _entry(key: str, stage: str, metrics: dict, i: tuple, **extra: Any) -> dict[str, Any]:

@@ -1,12 +1,20 @@
-"""The U-Net cross-attention projections a closed-form erasure edits, grouped into same-shape buckets."""
+"""The weights a closed-form erasure edits: the U-Net's cross-attention projections in same-shape buckets,
+and the text encoder's q/k/v, all named by their diffusers keys (``surgery``)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
-from flax import nnx
+
+from jax_erasepro import surgery
+from jax_erasepro.sd import StableDiffusion
+
+CROSS_ATTENTION = "unet.*.attn2.to_[kv].weight"
+QKV = ("q_proj", "k_proj", "v_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,26 +22,48 @@ class Bucket:
     """attn2 ``to_k``/``to_v`` kernels of one shape (SD 1.x: 768->320, ->640, ->1280), solved as one batch."""
 
     shape: tuple[int, int]  # Flax kernel shape (d_in, d_out)
-    paths: tuple[tuple[Any, ...], ...]  # NNX param paths
+    keys: tuple[str, ...]  # ``unet.<diffusers key>`` of each kernel
     kernels: tuple[Any, ...]
-
-    @property
-    def keys(self) -> list[str]:
-        """The diffusers keys, prefixed with the component: ``unet.<...>.attn2.to_k.weight``."""
-        return ["unet." + ".".join(str(p) for p in path[:-1]) + ".weight" for path in self.paths]
 
     def stack(self) -> jnp.ndarray:
         return jnp.stack(self.kernels)
 
 
-def unet_cross_attention(unet: nnx.Module) -> list[Bucket]:
-    """Every ``attn2.to_k``/``attn2.to_v`` kernel of ``unet``, bucketed by shape (in model order)."""
+def unet_cross_attention(sd: StableDiffusion) -> list[Bucket]:
+    """Every ``attn2.to_k``/``attn2.to_v`` kernel of the U-Net, bucketed by shape (in model order)."""
+    kernels = surgery.read(sd, surgery.select(sd, CROSS_ATTENTION), layout="flax", host=False)
     found: dict[tuple[int, int], list] = {}
-    for path, var in nnx.to_flat_state(nnx.state(unet, nnx.Param)):
-        names = tuple(str(p) for p in path[-3:])
-        if names in (("attn2", "to_k", "kernel"), ("attn2", "to_v", "kernel")):
-            found.setdefault(tuple(var.shape), []).append((path, var[...]))
+    for key, k in kernels.items():
+        found.setdefault(tuple(k.shape), []).append((key, k))
     return [
-        Bucket(shape, tuple(p for p, _ in items), tuple(k for _, k in items))
+        Bucket(shape, tuple(k for k, _ in items), tuple(v for _, v in items))
         for shape, items in found.items()
     ]
+
+
+def replace_buckets(
+    sd: StableDiffusion, buckets: Sequence[Bucket], kernels: Sequence[jax.Array]
+) -> tuple[StableDiffusion, list[str]]:
+    """``sd`` with each bucket's kernels replaced by the matching (n, d_in, d_out) stack; the keys edited."""
+    new = {
+        key: k
+        for b, stack in zip(buckets, kernels, strict=True)
+        for key, k in zip(b.keys, stack, strict=True)
+    }
+    return surgery.replace(sd, new, layout="flax", source="erase"), list(new)
+
+
+def qkv_keys(sd: StableDiffusion, start: int) -> list[list[str]]:
+    """The q/k/v weight keys of text-encoder layers [start, L) (0-based), one list per projection."""
+    return [surgery.select(sd, f"text_encoder.*.self_attn.{name}.weight")[start:] for name in QKV]
+
+
+def replace_qkv(
+    sd: StableDiffusion, start: int, qkv: Sequence[jax.Array]
+) -> tuple[StableDiffusion, list[str]]:
+    """``sd`` whose q/k/v kernels of encoder layers [start, L) are ``qkv``: three (L - start, d_in, d_out)."""
+    keys = qkv_keys(sd, start)
+    new = {
+        key: k for names, stack in zip(keys, qkv, strict=True) for key, k in zip(names, stack, strict=True)
+    }
+    return surgery.replace(sd, new, layout="flax", source="erase"), list(new)

@@ -38,8 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_erasepro.erase.columns import EraseError, prompt_tokens
-from jax_erasepro.erase.erasepro import _replace_buckets
-from jax_erasepro.erase.layers import unet_cross_attention
+from jax_erasepro.erase.layers import replace_buckets, unet_cross_attention
 from jax_erasepro.erase.methods import Request, check_choices, option
 from jax_erasepro.erase.report import EraseReport
 from jax_erasepro.erase.solvers import uce_solve
@@ -174,7 +173,7 @@ def erase_uce(
     t_prep = time.perf_counter()
     feats = encode_tokens(sd.text_encoder, ids)
     t_features = time.perf_counter()
-    buckets = unet_cross_attention(sd.unet)
+    buckets = unet_cross_attention(sd)
     idx = [jnp.asarray(np.asarray(v, np.int32).reshape(-1, 2)) for v in (x, y, p)]
     out, reps = _uce_buckets(
         tuple(b.stack() for b in buckets), feats, *idx, lam, erase_scale, preserve_scale, precision
@@ -183,7 +182,7 @@ def erase_uce(
     t_solve = time.perf_counter()
     if not all(bool(r[3]) for r in reps):
         raise EraseError("NaN or inf in the features or in a solution: the model was left unchanged")
-    unet, edited = _replace_buckets(sd.unet, buckets, out)
+    erased, edited = replace_buckets(sd, buckets, out)
     entries = []
     for b, (rep, before, dist, _) in zip(buckets, reps, strict=True):
         for j, key in enumerate(b.keys):
@@ -227,7 +226,7 @@ def erase_uce(
         edited=sorted(edited),
         notes=["UCE is a ridge (soft) solve: residuals are not driven to zero by design"],
     )
-    return sd.replace(unet=unet), report
+    return erased, report
 
 
 __all__ = ["PAIRINGS", "VARIANTS", "UCEOptions", "erase_uce", "uce_columns", "uce_texts"]

@@ -115,7 +115,7 @@ def test_sd14_torch_cross_attention_parity_and_preservation(models, erased):
     ctx_t, ctx_a = encode(new_text, pair["target"]), encode(text, pair["anchor"])
     pt, pa = (np.array(i) for i in zip(*pair["positions"], strict=True))
     new_kernels = {
-        k: w for b in unet_cross_attention(new_sd.unet) for k, w in zip(b.keys, b.kernels, strict=True)
+        k: w for b in unet_cross_attention(new_sd) for k, w in zip(b.keys, b.kernels, strict=True)
     }
     assert set(new_kernels) == set(linears) and len(linears) == 32
     with torch.no_grad():

@@ -1,0 +1,58 @@
+"""surgery: keys, reads and replacements by diffusers key, checked against the PyTorch state dicts."""
+
+import numpy as np
+import pytest
+
+from jax_erasepro import surgery
+from jax_erasepro.tiny import tiny_random_sd
+from tests.torch_bridge import torch_pipeline
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_random_sd(seed=5)
+
+
+def test_select_and_read_match_the_torch_state_dicts(sd):
+    pipe = torch_pipeline(sd)
+    keys = surgery.select(sd, "unet.*.attn2.to_[kv].weight")
+    assert keys and all(".attn2.to_" in k for k in keys)
+    reference = pipe.unet.state_dict()
+    assert set(keys) == {f"unet.{k}" for k in reference if ".attn2.to_k." in k or ".attn2.to_v." in k}
+    for key, value in surgery.read(sd, keys).items():
+        np.testing.assert_array_equal(value, reference[key.split(".", 1)[1]].numpy())
+    q = surgery.select(sd, "text_encoder.*.q_proj.weight")
+    text = pipe.text_encoder.state_dict()
+    for key, value in surgery.read(sd, q).items():  # stacked layers unstack to one key each
+        np.testing.assert_array_equal(value, text["text_model." + key.split(".", 1)[1]].numpy())
+    flax = surgery.read(sd, q[:1], layout="flax")[q[0]]
+    np.testing.assert_array_equal(flax.T, surgery.read(sd, q[:1])[q[0]])
+
+
+def test_replace_is_out_of_place_and_touches_only_its_keys(sd):
+    keys = surgery.select(sd, "text_encoder.*.self_attn.q_proj.weight")[1:] + surgery.select(
+        sd, "unet.*attn2.to_k*"
+    )
+    before = surgery.read(sd, surgery.select(sd, "*"))
+    new = {k: before[k] + 1.0 for k in keys}
+    edited = surgery.replace(sd, new)
+    after = surgery.read(edited, surgery.select(edited, "*"))
+    for k, v in after.items():
+        np.testing.assert_array_equal(v, new.get(k, before[k]), err_msg=k)
+    still = surgery.read(sd, keys)
+    for k in keys:
+        np.testing.assert_array_equal(still[k], before[k])  # the source model is untouched
+
+
+@pytest.mark.parametrize(
+    "tensors, kw, message",
+    [
+        ({"unet.nope.weight": np.zeros(1)}, {}, "no tensor 'unet.nope.weight'"),
+        ({"transformer.x": np.zeros(1)}, {}, "keys start with one of text_encoder, unet, vae"),
+        ({"unet.conv_in.weight": np.zeros((1, 2))}, {}, "unet.conv_in.weight has shape \\(1, 2\\)"),
+        ({}, {"layout": "jax"}, "unknown layout 'jax'"),
+    ],
+)
+def test_bad_replacements_are_one_line(sd, tensors, kw, message):
+    with pytest.raises(surgery.SurgeryError, match=message):
+        surgery.replace(sd, tensors, **kw)
