@@ -5,13 +5,13 @@
 One step is the loss, its gradients and an AdamW update at the recipes' batch sizes (UNet 64, VAE 32, CLIP
 128), random weights and inputs (speed does not depend on them). torch runs diffusers' UNet and VAE and
 transformers' CLIPModel with the same configs. JAX runs twice: with XLA's default flags and with
-``jax_erasepro.xla_flags.TRAINING_FLAGS``, which train_vae and train_unet set (train_clip does not);
+``recipes.shapes_sd.xla_flags.TRAINING_FLAGS``, which train_vae and train_unet set (train_clip does not);
 JAX/torch compares the step each recipe runs. ``--allocators`` runs the recipe's JAX step and the torch step
-again under jemalloc (``jax_erasepro.allocator``, which the training scripts use when it is installed) and
-reports both frameworks under both allocators, with kernel (sys) seconds and page faults per step. Each run
-is its own subprocess; times are medians after two
-warm-up steps, JAX's compile reported apart; FLOPs are XLA's count for the JAX step. Writes
-benchmarks/results/train_step.json (rows of other models kept) and prints a table.
+again under jemalloc (``recipes.shapes_sd.allocator``, which the training scripts use when it is installed)
+and reports both frameworks under both allocators, with kernel (sys) seconds and page faults per step.
+Each run is its own subprocess; times are medians after two warm-up steps, JAX's compile reported apart;
+FLOPs are XLA's count for the JAX step. Writes benchmarks/results/train_step.json (rows of other models
+kept) and prints a table.
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ from pathlib import Path
 from pipeline import _median_time  # benchmarks/ is on sys.path when this runs as a script
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(1, str(ROOT))  # recipes/ is not installed: it imports from the checkout
 UNET_BATCH, VAE_BATCH, CLIP_BATCH, TEXT_DIM, TOKENS = 64, 32, 128, 128, 77
 BATCH = {"unet": UNET_BATCH, "vae": VAE_BATCH, "clip": CLIP_BATCH}
 FLAGGED = {"unet", "vae"}  # the models whose training scripts set TRAINING_FLAGS (train_clip does not)
 
 
 def _configs(model: str, size: str) -> dict:
-    from jax_erasepro.shapes.train_clip import clip_config
-    from jax_erasepro.shapes.train_unet import unet_config
-    from jax_erasepro.shapes.train_vae import vae_config
+    from recipes.shapes_sd.train_clip import clip_config
+    from recipes.shapes_sd.train_unet import unet_config
+    from recipes.shapes_sd.train_vae import vae_config
 
     if model == "clip":
         return clip_config("small").to_dict()  # one CLIP size: the recipe's
@@ -50,9 +51,9 @@ def run_jax(model: str, size: str, repeats: int) -> dict:
     from jax_erasepro.models.clip import CLIPConfig, CLIPModel
     from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
     from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
-    from jax_erasepro.shapes.train_clip import contrastive_loss
-    from jax_erasepro.shapes.train_unet import diffusion_loss
-    from jax_erasepro.shapes.train_vae import vae_loss
+    from recipes.shapes_sd.train_clip import contrastive_loss
+    from recipes.shapes_sd.train_unet import unet_loss
+    from recipes.shapes_sd.train_vae import vae_loss
 
     cfg = _configs(model, size)
     if model == "unet":
@@ -62,7 +63,7 @@ def run_jax(model: str, size: str, repeats: int) -> dict:
             "latents": jax.random.normal(jax.random.key(1), (UNET_BATCH, s, s, 4)),
             "context": jax.random.normal(jax.random.key(2), (UNET_BATCH, TOKENS, TEXT_DIM)),
         }
-        loss_fn = diffusion_loss
+        loss_fn = unet_loss
     elif model == "clip":
         net = CLIPModel(CLIPConfig.from_dict(cfg), rngs=nnx.Rngs(0))
         for encoder in (net.text_model.encoder, net.vision_model.encoder):  # as train_clip trains it
@@ -169,7 +170,7 @@ def _timed(prefix: str, one, repeats: int) -> dict:  # noqa: ANN001
 
 
 def _child(args: list[str], xla_flags: str | None = None, jemalloc: bool = False) -> dict:
-    from jax_erasepro.allocator import CHOICE, find_jemalloc, jemalloc_env
+    from recipes.shapes_sd.allocator import CHOICE, find_jemalloc, jemalloc_env
 
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", CHOICE)}  # glibc unless asked
     if jemalloc and (env := jemalloc_env(env, find_jemalloc())) is None:
@@ -185,7 +186,7 @@ def _child(args: list[str], xla_flags: str | None = None, jemalloc: bool = False
 
 
 def main() -> None:
-    from jax_erasepro.xla_flags import TRAINING_FLAGS
+    from recipes.shapes_sd.xla_flags import TRAINING_FLAGS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["f4", "small"])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# shapes-sd from nothing, as the shipped weights were trained: every stage seeded, resumable (rerun the script;
-# a finished stage leaves RUNS/<stage>/.done and is skipped), progress with ETA from each trainer.
+# shapes-sd from nothing with recipes/shapes_sd, as the shipped weights were trained: every stage seeded,
+# resumable (rerun the script; a finished stage leaves RUNS/<stage>/.done and is skipped), progress with ETA
+# from each trainer.
 #
 #   bash scripts/train_shapes_sd.sh [RUNS]      # RUNS default: runs (git-ignored)
 #
@@ -10,6 +11,8 @@
 # weights with a fresh optimizer (--init-from). JUDGE=1 also retrains the judge (about 3 h), which ships
 # separately and is independent of everything here. OUT (default RUNS/shapes-sd) gets the built folder.
 set -euo pipefail
+# the recipe (recipes/shapes_sd) is not installed: it imports from this checkout, whatever the working folder
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 RUNS=${1:-runs}
 OUT=${OUT:-$RUNS/shapes-sd}
 
@@ -23,9 +26,9 @@ stage() {  # stage NAME COMMAND...: train RUNS/NAME unless it finished before
   local out=$RUNS/$1; shift
   [ -f "$out/.done" ] || { train "$out" "$@" && touch "$out/.done"; }
 }
-clip=(python -m jax_erasepro.shapes.train_clip --counterfactuals --prompt-supervision)
-vae=(python -m jax_erasepro.shapes.train_vae --size f4w --edge-loss)
-unet=(python -m jax_erasepro.shapes.train_unet --snr-gamma 5 --text-encoder "$RUNS/shapes-clip-text2")
+clip=(python -m recipes.shapes_sd.train_clip --counterfactuals --prompt-supervision)
+vae=(python -m recipes.shapes_sd.train_vae --size f4w --edge-loss)
+unet=(python -m recipes.shapes_sd.train_unet --snr-gamma 5 --text-encoder "$RUNS/shapes-clip-text2")
 
 # 1. the text encoder (its text tower is shapes-sd's frozen text_encoder): the world's train split only
 stage shapes-clip-text2 "${clip[@]}" --steps 2500 --seed 0
@@ -56,6 +59,6 @@ if [ "${JUDGE:-0}" = 1 ] && [ ! -f "$RUNS/shapes-judge/.done" ]; then
 fi
 
 # 5. the folder (fp16, DDIM), then the quality bar (200 prompts per part, with the shipped judge)
-python -m jax_erasepro.shapes.build --vae "$RUNS/shapes-vae6/vae" --unet "$RUNS/shapes-unet14/unet" \
+python -m recipes.shapes_sd.build --vae "$RUNS/shapes-vae6/vae" --unet "$RUNS/shapes-unet14/unet" \
     --text-encoder "$RUNS/shapes-clip-text2" --out "$OUT" --overwrite
 python -m jax_erasepro.shapes.judge --model "$OUT" --n 200 --out "$RUNS/quality"

@@ -14,22 +14,25 @@ import argparse
 import dataclasses
 import json
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 from transformers import CLIPTokenizer
 
+from jax_erasepro.diffusion import vae_pixels
+from jax_erasepro.evaluation.judge import judge_path, load_clip
 from jax_erasepro.images import save_grid
 from jax_erasepro.loading import SafetensorsReader, load_pretrained
-from jax_erasepro.models.clip import CLIPConfig, CLIPModel
-from jax_erasepro.models.vae import AutoencoderKL
+from jax_erasepro.models.clip import CLIPModel
+from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jax_erasepro.pipeline import StableDiffusion, generate
 from jax_erasepro.schedulers import KINDS
+from jax_erasepro.shapes.labels import ATTRIBUTES, image_label, single_object_scenes, zero_shot_predict
 from jax_erasepro.shapes.render import make_scenes, render
-from jax_erasepro.shapes.train_clip import ATTRIBUTES, image_label, single_object_scenes, zero_shot_predict
-from jax_erasepro.shapes.train_vae import load_vae, reconstruct
 from jax_erasepro.shapes.world import SIZES, STYLES, Scene, is_held_out
 from jax_erasepro.tokenizer import load_tokenizer
 from jax_erasepro.weights import abstract_model, load_state_dict
@@ -38,25 +41,6 @@ from jax_erasepro.weights import abstract_model, load_state_dict
 # word (pairs are left/right or top/bottom, see world.PAIR_POSITIONS).
 HALVES = ("left", "right", "top", "bottom")
 PAIRS = (("left", "right"), ("top", "bottom"))  # the two ways to split an image into opposite halves
-
-
-def judge_path() -> Path:
-    """The shipped shapes-clip folder; raises FileNotFoundError while it is not shipped yet."""
-    path = Path(str(resources.files("jax_erasepro") / "assets" / "shapes-clip"))
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"the shapes-clip judge is not installed ({path} is missing)")
-    return path
-
-
-def load_clip(folder: str | Path) -> CLIPModel:
-    """A transformers ``CLIPModel`` folder (config.json + model.safetensors) -> our CLIPModel."""
-    folder = Path(folder)
-    reader = SafetensorsReader(folder / "model.safetensors")
-    config = CLIPConfig.from_json(folder / "config.json")
-    return load_state_dict(
-        abstract_model(CLIPModel, config), reader.__getitem__, reader.keys, source=str(reader.path),
-        ignore=lambda k: k.endswith("position_ids"),
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +64,28 @@ def load_judge(path: str | Path | None = None) -> Judge:
     """The shapes-clip judge (the shipped one when ``path`` is None)."""
     folder = Path(path) if path is not None else judge_path()
     return Judge(load_clip(folder), load_tokenizer(folder))
+
+
+def load_vae(folder: str | Path) -> AutoencoderKL:
+    """A diffusers ``vae/`` folder (config.json, diffusion_pytorch_model.safetensors) -> our AutoencoderKL."""
+    folder = Path(folder)
+    reader = SafetensorsReader(folder / "diffusion_pytorch_model.safetensors")
+    config = AutoencoderKLConfig.from_json(folder / "config.json")
+    return load_state_dict(
+        abstract_model(AutoencoderKL, config), reader.__getitem__, reader.keys, source=str(reader.path)
+    )
+
+
+@nnx.jit
+def _reconstruct(model: AutoencoderKL, images: jax.Array) -> jax.Array:
+    out = model.decode(model.encode(vae_pixels(images))[0])
+    return jnp.round(jnp.clip(out / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+
+def reconstruct(model: AutoencoderKL, images: np.ndarray, chunk: int = 250) -> np.ndarray:
+    """uint8 images -> uint8 reconstructions from the posterior mean, rounded as the pipeline does."""
+    return np.concatenate([np.asarray(_reconstruct(model, images[k : k + chunk]))
+                           for k in range(0, len(images), chunk)])
 
 
 def keep_half(image: np.ndarray, half: str) -> np.ndarray:
@@ -253,7 +259,7 @@ QUALITY_BAR = {
 }
 
 
-# The judge's own bar (zero-shot on fresh one-object renders, ``train_clip.zero_shot_accuracy``).
+# The judge's own bar (zero-shot on fresh one-object renders, ``labels.zero_shot_accuracy``).
 JUDGE_BAR = {"shape": 0.97, "colour": 0.97, "style": 0.9, "character": 0.9}
 
 

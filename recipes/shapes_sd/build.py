@@ -19,16 +19,15 @@ from typing import Any
 import numpy as np
 
 from jax_erasepro import safefiles
+from jax_erasepro.evaluation.judge import load_clip
 from jax_erasepro.pipeline import SDConfig, StableDiffusion
 from jax_erasepro.saving import save_pretrained
 from jax_erasepro.schedulers import CLASS_KINDS, KINDS
-from jax_erasepro.shapes.judge import load_clip
-from jax_erasepro.shapes.train_clip import TOKENIZER_DIR
-from jax_erasepro.shapes.train_clip import export as export_clip
-from jax_erasepro.shapes.train_unet import SCHEDULER, load_text_encoder, load_unet
-from jax_erasepro.shapes.train_vae import load_vae
+from jax_erasepro.shapes.judge import load_vae
 from jax_erasepro.tiny import MODEL_INDEX
-from jax_erasepro.tokenizer import load_tokenizer
+from jax_erasepro.tokenizer import clip_tokenizer_path, load_tokenizer
+from recipes.shapes_sd.train_clip import export as export_clip
+from recipes.shapes_sd.train_unet import SCHEDULER, load_text_encoder, load_unet
 
 SCHEDULER_CLASSES = {kind: name for name, kind in CLASS_KINDS.items()}
 
@@ -47,8 +46,9 @@ def assemble(
     config = SDConfig(text_encoder=text_encoder.config, unet=unet.config, vae=vae.config,
                       model_index=dict(MODEL_INDEX))
     sampler = dataclasses.replace(SCHEDULER, class_name=SCHEDULER_CLASSES[scheduler])
-    return StableDiffusion(text_encoder=text_encoder, unet=unet, vae=vae,
-                           tokenizer=load_tokenizer(TOKENIZER_DIR), scheduler_config=sampler, config=config)
+    tokenizer = load_tokenizer(clip_tokenizer_path())
+    return StableDiffusion(text_encoder=text_encoder, unet=unet, vae=vae, tokenizer=tokenizer,
+                           scheduler_config=sampler, config=config)
 
 
 def build(
@@ -92,7 +92,7 @@ def build_judge(clip_dir: str | Path, out: str | Path, *, dtype: Any = np.float1
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: python -m jax_erasepro.shapes.build --vae runs/shapes-vae/vae --unet runs/shapes-unet/unet
+    """CLI: python -m recipes.shapes_sd.build --vae runs/shapes-vae/vae --unet runs/shapes-unet/unet
     --text-encoder runs/shapes-clip-text --out runs/shapes-sd [--judge runs/shapes-judge --judge-out DIR]"""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--vae", required=True, help="train_vae's OUT/vae")

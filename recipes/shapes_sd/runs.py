@@ -15,8 +15,8 @@ from safetensors.numpy import save_file
 from jax_erasepro.loading import SafetensorsReader
 from jax_erasepro.models.config import JsonConfig
 from jax_erasepro.saving import DIFFUSERS_VERSION
-from jax_erasepro.training import TrainConfig, latest_step
 from jax_erasepro.weights import abstract_model, load_state_dict, to_state_dict
+from recipes.shapes_sd.training import TrainConfig, latest_step
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -22,25 +22,23 @@ from flax import nnx
 from safetensors.numpy import save_file
 from transformers import CLIPTokenizer
 
-from jax_erasepro.allocator import use_jemalloc
 from jax_erasepro.compile_cache import use_compilation_cache
+from jax_erasepro.evaluation.judge import CLIP_MEAN, CLIP_STD, clip_pixels
 from jax_erasepro.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-from jax_erasepro.prefetch import prefetched
+from jax_erasepro.shapes.labels import ATTRIBUTES, image_label, zero_shot_accuracy
 from jax_erasepro.shapes.render import make_scenes, render
-from jax_erasepro.shapes.runs import log_line, prepare_run, run_parser
 from jax_erasepro.shapes.world import COLOURS, HELD_OUT_PAIRS, SHAPES, STYLES, Scene, Split, judge_prompts
-from jax_erasepro.tokenizer import load_tokenizer, tokenize
-from jax_erasepro.training import TrainConfig, train
+from jax_erasepro.tokenizer import clip_tokenizer_path, load_tokenizer, tokenize
 from jax_erasepro.weights import num_params, to_state_dict
+from recipes.shapes_sd.allocator import use_jemalloc
+from recipes.shapes_sd.prefetch import prefetched
+from recipes.shapes_sd.runs import log_line, prepare_run, run_parser
+from recipes.shapes_sd.training import TrainConfig, train
 
-TOKENIZER_DIR = Path(__file__).parents[1] / "assets" / "clip_tokenizer"
+TOKENIZER_DIR = clip_tokenizer_path()
 # Training captions are at most ~32 tokens. The text tower is causal, so the EOS features do not
 # depend on the padding after it: training on 40 tokens gives the same model as on 77, faster.
 TRAIN_TOKENS = 40
-# OpenAI CLIP's pixel normalisation, so that transformers' CLIPImageProcessor preprocesses for us.
-PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
-PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
-ATTRIBUTES = ("shape", "colour", "style", "character")
 
 
 def clip_config(size: str = "small") -> CLIPConfig:
@@ -67,13 +65,13 @@ def train_config(out: str | Path, steps: int = 20_000, seed: int = 0) -> TrainCo
     13% after 1000 with twins alone; chance is 10%), and a text encoder blind to shape gives a UNet that
     draws the right colour as a blob (``text_variance_shares``):
 
-    python -m jax_erasepro.shapes.train_clip --out runs/shapes-clip-text2 --steps 2500 --seed 0 \
+    python -m recipes.shapes_sd.train_clip --out runs/shapes-clip-text2 --steps 2500 --seed 0 \
         --counterfactuals --prompt-supervision
-    python -m jax_erasepro.shapes.train_clip --out runs/shapes-judge2 --steps 1750 --seed 1 \
+    python -m recipes.shapes_sd.train_clip --out runs/shapes-judge2 --steps 1750 --seed 1 \
         --counterfactuals --prompt-supervision  # as run: stopped at 1750 of a 2000-step schedule, then
-    python -m jax_erasepro.shapes.train_clip --out runs/shapes-judge2 --steps 3000 --seed 1 \
+    python -m recipes.shapes_sd.train_clip --out runs/shapes-judge2 --steps 3000 --seed 1 \
         --counterfactuals --prompt-supervision --whole-world-from 1750 --resume  # then --steps 4000, then
-    python -m jax_erasepro.shapes.train_clip --out runs/shapes-judge2 --steps 6000 --seed 1 \
+    python -m recipes.shapes_sd.train_clip --out runs/shapes-judge2 --steps 6000 --seed 1 \
         --counterfactuals --prompt-supervision --whole-world-from 1750 --augment --resume
     """
     return TrainConfig(
@@ -81,12 +79,6 @@ def train_config(out: str | Path, steps: int = 20_000, seed: int = 0) -> TrainCo
         weight_decay=0.1, grad_clip=1.0, seed=seed, log_every=50, ckpt_every=250,
         ckpt_dir=str(Path(out) / "ckpt"),
     )
-
-
-def pixels(images: np.ndarray | jax.Array) -> jax.Array:
-    """uint8 (B, H, W, 3) images -> float32 NHWC CLIP inputs, normalised as CLIPImageProcessor does."""
-    x = jnp.asarray(images, jnp.float32) / 255.0
-    return (x - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
 
 
 def counterfactual(
@@ -226,7 +218,7 @@ def contrastive_loss(
     """
     ids = batch["input_ids"]
     t = model.get_text_features(ids)
-    i = model.get_image_features(pixels(batch["images"]))
+    i = model.get_image_features(clip_pixels(batch["images"]))
     t = t / jnp.linalg.norm(t, axis=-1, keepdims=True)
     i = i / jnp.linalg.norm(i, axis=-1, keepdims=True)
     scale = jnp.exp(jnp.minimum(model.logit_scale[...], jnp.log(100.0)))  # CLIP's clamp
@@ -266,72 +258,10 @@ def export(model: CLIPModel, out: str | Path, dtype: np.dtype = np.float32) -> P
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
         "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(PIXEL_MEAN), "image_std": list(PIXEL_STD), "do_convert_rgb": True,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True,
     }
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return out
-
-
-def image_label(scene: Scene, attribute: str) -> str:
-    """The judge class a one-object scene belongs to: its shape, colour, painter or character (or "none")."""
-    obj = scene.objects[0]
-    stripes = "stripes" if obj.has_stripes else "plain"
-    return {
-        "shape": obj.shape,
-        "colour": obj.colour,
-        "style": scene.style or "none",
-        "character": obj.character or "none",
-        "background": scene.background,
-        "stripes": stripes,
-        "implicit": stripes,
-    }[attribute]
-
-
-def single_object_scenes(seed: int, n: int, split: Split = "test") -> list[Scene]:
-    """The first n one-object scenes of the world's stream ``seed``: their judge labels are unambiguous."""
-    scenes = [s for s in make_scenes(seed, 3 * n, split)[0] if len(s.objects) == 1]
-    if len(scenes) < n:
-        raise ValueError(f"only {len(scenes)} one-object scenes among {3 * n}")
-    return scenes[:n]
-
-
-@nnx.jit
-def _image_features(model: CLIPModel, images: jax.Array) -> jax.Array:
-    f = model.get_image_features(pixels(images))
-    return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
-
-
-@nnx.jit
-def _text_features(model: CLIPModel, ids: jax.Array) -> jax.Array:
-    f = model.get_text_features(ids)
-    return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
-
-
-def zero_shot_predict(
-    model: CLIPModel, tokenizer: CLIPTokenizer, attribute: str, images: np.ndarray, chunk: int = 250
-) -> list[str]:
-    """Classify uint8 (n, 64, 64, 3) images by ``attribute`` against the world's judge prompts."""
-    prompts = judge_prompts(attribute)
-    text = _text_features(model, tokenize(tokenizer, list(prompts.values()), on_overflow="error"))
-    chunks = [images[k : k + chunk] for k in range(0, len(images), chunk)]
-    sims = np.concatenate([np.asarray(_image_features(model, c) @ text.T) for c in chunks])
-    names = list(prompts)
-    return [names[j] for j in sims.argmax(-1)]
-
-
-def zero_shot_accuracy(
-    model: CLIPModel,
-    tokenizer: CLIPTokenizer,
-    attribute: str,
-    n: int = 1000,
-    seed: int = 0,
-    split: Split = "test",
-) -> float:
-    """Zero-shot accuracy on ``attribute`` over n fresh one-object renders (the judge's quality bar)."""
-    scenes = single_object_scenes(seed, n, split)
-    images = np.stack([render(s) for s in scenes])
-    predicted = zero_shot_predict(model, tokenizer, attribute, images)
-    return float(np.mean([p == image_label(s, attribute) for p, s in zip(predicted, scenes, strict=True)]))
 
 
 def text_variance_shares(model: CLIPModel, tokenizer: CLIPTokenizer) -> dict[str, float]:

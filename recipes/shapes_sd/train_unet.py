@@ -19,23 +19,22 @@ import numpy as np
 from flax import nnx
 from transformers import CLIPTokenizer
 
-from jax_erasepro.allocator import use_jemalloc
+from jax_erasepro import diffusion
 from jax_erasepro.compile_cache import use_compilation_cache
 from jax_erasepro.loading import TEXT_PREFIX, SafetensorsReader
 from jax_erasepro.models.clip import CLIPConfig, CLIPTextConfig, CLIPTextModel
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
-from jax_erasepro.models.vae import AutoencoderKL
-from jax_erasepro.prefetch import prefetched
-from jax_erasepro.schedulers import SchedulerConfig, add_noise, alphas_cumprod
+from jax_erasepro.schedulers import SchedulerConfig
+from jax_erasepro.shapes.judge import load_vae
 from jax_erasepro.shapes.render import make_batch
-from jax_erasepro.shapes.runs import export_component, load_component, log_line, prepare_run, run_parser
-from jax_erasepro.shapes.train_clip import TOKENIZER_DIR
-from jax_erasepro.shapes.train_vae import load_vae, pixels, sample_latents
 from jax_erasepro.tiny import SD_SCHEDULER
-from jax_erasepro.tokenizer import load_tokenizer, tokenize
-from jax_erasepro.training import TrainConfig, train
+from jax_erasepro.tokenizer import clip_tokenizer_path, load_tokenizer, tokenize
 from jax_erasepro.weights import abstract_model, load_state_dict, num_params, to_state_dict
-from jax_erasepro.xla_flags import use_training_flags
+from recipes.shapes_sd.allocator import use_jemalloc
+from recipes.shapes_sd.prefetch import prefetched
+from recipes.shapes_sd.runs import export_component, load_component, log_line, prepare_run, run_parser
+from recipes.shapes_sd.training import TrainConfig, train
+from recipes.shapes_sd.xla_flags import use_training_flags
 
 SCHEDULER = SchedulerConfig.from_dict({"_class_name": "PNDMScheduler", **SD_SCHEDULER})
 P_UNCOND = 0.1  # captions replaced by "" (the unconditional prompt of classifier-free guidance)
@@ -78,7 +77,7 @@ def train_config(out: str | Path, steps: int = 12_000, seed: int = 0) -> TrainCo
     """The recipe, after train_vae and train_clip (seed 0) have exported their folders (the factor-8
     ``small`` UNet ran 4750 steps):
 
-    python -m jax_erasepro.shapes.train_unet --out runs/shapes-unet6 --size f4 --steps 12000 \
+    python -m recipes.shapes_sd.train_unet --out runs/shapes-unet6 --size f4 --steps 12000 \
         --vae runs/shapes-vae4w-2000/vae --text-encoder runs/shapes-clip-text2
     """
     return TrainConfig(
@@ -107,22 +106,6 @@ def load_text_encoder(clip_dir: str | Path) -> CLIPTextModel:
         abstract, lambda k: reader[prefix + k], keys, source=str(reader.path),
         ignore=lambda k: k == "embeddings.position_ids",
     )
-
-
-def frozen_encoder(
-    vae: AutoencoderKL, text_encoder: CLIPTextModel
-) -> Callable[[np.ndarray, np.ndarray, jax.Array], tuple[jax.Array, jax.Array]]:
-    """(uint8 images, token ids, key) -> (posterior-sampled latents x scaling_factor, text states), jitted."""
-    vae_def, vae_params = nnx.split(vae)
-    text_def, text_params = nnx.split(text_encoder)
-    scale = vae.config.scaling_factor
-
-    @jax.jit
-    def encode(vae_params, text_params, images, ids, key):
-        mean, logvar = nnx.merge(vae_def, vae_params).encode(pixels(images))
-        return scale * sample_latents(mean, logvar, key), nnx.merge(text_def, text_params)(ids)
-
-    return lambda images, ids, key: encode(vae_params, text_params, images, ids, key)
 
 
 class TrainBlocks:
@@ -178,31 +161,16 @@ def unet_batches(
     return batch
 
 
-def snr_weights(t: jax.Array, gamma: float) -> jax.Array:
-    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023; diffusers' ``--snr_gamma``):
-    min(SNR(t), gamma) / SNR(t), SNR = alpha_bar / (1 - alpha_bar). Low-noise steps, whose fine detail
-    dominates the plain loss, are weighted down; steps with SNR <= gamma keep weight 1."""
-    ac = jnp.asarray(alphas_cumprod(SCHEDULER))[t]
-    snr = ac / (1 - ac)
-    return jnp.minimum(snr, gamma) / snr
-
-
-def diffusion_loss(
+def unet_loss(
     unet: UNet2DConditionModel,
     batch: dict[str, jax.Array],
     key: jax.Array,
     snr_gamma: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """SD's objective: MSE between the true and predicted noise at uniformly drawn training timesteps,
-    each example's error weighted by ``snr_weights`` when ``snr_gamma`` is given."""
-    x0, context = batch["latents"], batch["context"]
-    t_key, n_key = jax.random.split(key)
-    t = jax.random.randint(t_key, (x0.shape[0],), 0, SCHEDULER.num_train_timesteps)
-    noise = jax.random.normal(n_key, x0.shape, x0.dtype)
-    eps = unet(add_noise(SCHEDULER, x0, noise, t), t, context)
-    err = jnp.mean(jnp.square(eps - noise), axis=tuple(range(1, x0.ndim)))
-    loss = jnp.mean(err if snr_gamma is None else snr_weights(t, snr_gamma) * err)
-    return loss, {"latent_std": jnp.std(x0)}
+    """``diffusion.diffusion_loss`` on a batch of latents and text states under ``SCHEDULER`` (epsilon
+    prediction), min-SNR weighted when ``snr_gamma`` is given."""
+    loss = diffusion.diffusion_loss(unet, batch["latents"], batch["context"], key, SCHEDULER, snr_gamma)
+    return loss, {"latent_std": jnp.std(batch["latents"])}
 
 
 def grow_unet(
@@ -266,12 +234,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         unet = UNet2DConditionModel(model_config, rngs=nnx.Rngs(args.seed))
     print(f"UNet {args.size}: {num_params(unet) / 1e6:.2f}M params; {config}")
-    encode = frozen_encoder(vae, text_encoder)
+    encode = diffusion.frozen_encoder(vae, text_encoder)
     batches = unet_batches(
-        encode, load_tokenizer(TOKENIZER_DIR), config.batch_size, args.seed, workers=args.workers
+        encode, load_tokenizer(clip_tokenizer_path()), config.batch_size, args.seed, workers=args.workers
     )
     with open(Path(args.out) / "log.jsonl", "a") as log:
-        loss = functools.partial(diffusion_loss, snr_gamma=args.snr_gamma)
+        loss = functools.partial(unet_loss, snr_gamma=args.snr_gamma)
         train(unet, loss, batches, config, on_log=functools.partial(log_line, log))
     export(unet, Path(args.out) / "unet")
 

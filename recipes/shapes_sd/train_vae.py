@@ -19,16 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_erasepro.allocator import use_jemalloc
 from jax_erasepro.compile_cache import use_compilation_cache
+from jax_erasepro.diffusion import sample_latents, vae_pixels
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
-from jax_erasepro.prefetch import prefetched
+from jax_erasepro.shapes.judge import load_vae, reconstruct
 from jax_erasepro.shapes.render import make_batch, make_scenes, render
-from jax_erasepro.shapes.runs import export_component, load_component, log_line, prepare_run, run_parser
 from jax_erasepro.shapes.world import STYLES
-from jax_erasepro.training import TrainConfig, train
 from jax_erasepro.weights import num_params
-from jax_erasepro.xla_flags import use_training_flags
+from recipes.shapes_sd.allocator import use_jemalloc
+from recipes.shapes_sd.prefetch import prefetched
+from recipes.shapes_sd.runs import export_component, log_line, prepare_run, run_parser
+from recipes.shapes_sd.training import TrainConfig, train
+from recipes.shapes_sd.xla_flags import use_training_flags
 
 KL_WEIGHT = 1e-6  # per latent element, relative to a per-pixel reconstruction loss (SD uses 1e-6 too)
 
@@ -57,24 +59,19 @@ def vae_config(size: str = "small") -> AutoencoderKLConfig:
 def train_config(out: str | Path, steps: int = 2_000, seed: int = 0) -> TrainConfig:
     """The recipe (factor 4; the factor-8 ``small`` VAE ran 4250 steps and a 1000-step decoder fine-tune):
 
-    python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae4 --size f4 --steps 2000
-    python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae4-dec --steps 1500 --seed 2 \
+    python -m recipes.shapes_sd.train_vae --out runs/shapes-vae4 --size f4 --steps 2000
+    python -m recipes.shapes_sd.train_vae --out runs/shapes-vae4-dec --steps 1500 --seed 2 \
         --decoder-from runs/shapes-vae4/vae  # sharper edges, same latent space
 
     Then (session 6) the wider VAE with the edge terms from the start, which needs no decoder fine-tune;
     stopped at step 2000 of this schedule and exported with --export-only (its encoder is the next UNet's):
-    python -m jax_erasepro.shapes.train_vae --out runs/shapes-vae4w --size f4w --steps 3000 --edge-loss
+    python -m recipes.shapes_sd.train_vae --out runs/shapes-vae4w --size f4w --steps 3000 --edge-loss
     """
     return TrainConfig(
         steps=steps, batch_size=32, lr=4e-4, warmup_steps=min(500, steps // 10), end_lr_ratio=0.05,
         weight_decay=0.0, grad_clip=1.0, seed=seed, log_every=50, ckpt_every=250,
         ckpt_dir=str(Path(out) / "ckpt"),
     )
-
-
-def pixels(images: np.ndarray | jax.Array) -> jax.Array:
-    """uint8 (B, H, W, 3) -> float32 in [-1, 1], the VAE's input range."""
-    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
 
 
 def _vae_batch(batch_size: int, seed: int, restyle: float, step: int) -> dict[str, np.ndarray]:
@@ -96,17 +93,12 @@ def vae_batches(batch_size: int, seed: int, restyle: float = 0.0) -> Callable[[i
     return functools.partial(_vae_batch, batch_size, seed, restyle)
 
 
-def sample_latents(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
-    """A draw from the diagonal Gaussian posterior (diffusers' ``latent_dist.sample()``)."""
-    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-
-
 def vae_loss(
     model: AutoencoderKL, batch: dict[str, jax.Array], key: jax.Array, *, edges: bool = False
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L1 + L2 reconstruction of a posterior sample (``edge_terms`` with ``edges``), plus ``KL_WEIGHT`` x KL
     per latent element."""
-    x = pixels(batch["images"])
+    x = vae_pixels(batch["images"])
     mean, logvar = model.encode(x)
     recon = model.decode(sample_latents(mean, logvar, key))
     if edges:
@@ -147,26 +139,14 @@ def decoder_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Decoder fine-tuning (SD's ft-MSE VAE precedent: new decoder, same latents): ``edge_terms`` of the
     decoded posterior sample, the encoder held fixed."""
-    x = pixels(batch["images"])
+    x = vae_pixels(batch["images"])
     mean, logvar = jax.lax.stop_gradient(model.encode(x))
     return edge_terms(model.decode(sample_latents(mean, logvar, key)), x)
 
 
 @nnx.jit
 def _posterior(model: AutoencoderKL, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return model.encode(pixels(images))
-
-
-@nnx.jit
-def _reconstruct(model: AutoencoderKL, images: jax.Array) -> jax.Array:
-    out = model.decode(model.encode(pixels(images))[0])
-    return jnp.round(jnp.clip(out / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
-
-
-def reconstruct(model: AutoencoderKL, images: np.ndarray, chunk: int = 250) -> np.ndarray:
-    """uint8 images -> uint8 reconstructions from the posterior mean, rounded as the pipeline does."""
-    return np.concatenate([np.asarray(_reconstruct(model, images[k : k + chunk]))
-                           for k in range(0, len(images), chunk)])
+    return model.encode(vae_pixels(images))
 
 
 def latent_scaling_factor(model: AutoencoderKL, n: int = 2048, seed: int = 7, chunk: int = 256) -> float:
@@ -194,11 +174,6 @@ def psnr_of(recon: np.ndarray, images: np.ndarray) -> float:
 def export(model: AutoencoderKL, out: str | Path) -> Path:
     """Write a diffusers ``vae/`` folder (config.json with the model's scaling_factor, fp32 safetensors)."""
     return export_component(model, out, "AutoencoderKL")
-
-
-def load_vae(folder: str | Path) -> AutoencoderKL:
-    """A ``vae/`` folder that ``export`` wrote (or any diffusers AutoencoderKL folder) -> our module."""
-    return load_component(AutoencoderKL, AutoencoderKLConfig, folder)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

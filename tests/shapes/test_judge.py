@@ -6,11 +6,12 @@ import dataclasses
 import numpy as np
 from flax import nnx
 
+from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jax_erasepro.shapes import judge as jd
-from jax_erasepro.shapes import train_vae as tv
+from jax_erasepro.shapes.labels import image_label, single_object_scenes
 from jax_erasepro.shapes.render import render
-from jax_erasepro.shapes.train_clip import image_label, single_object_scenes
 from jax_erasepro.shapes.world import BACKGROUND_RGB, Obj, Scene
+from jax_erasepro.tiny import TINY_VAE
 
 
 def test_probes_cover_each_part_of_the_bar_from_the_test_split():
@@ -164,7 +165,7 @@ def test_style_breakdown_names_each_painter_and_what_replaced_it():
 def test_vae_ceiling_scores_renders_and_reconstructions_apart():
     """The oracle knows every render and no reconstruction of an untrained VAE: 1 and 0 on every rate."""
     scenes = single_object_scenes(0, 12)
-    vae = tv.AutoencoderKL(tv.vae_config("tiny"), rngs=nnx.Rngs(0))
+    vae = AutoencoderKL(AutoencoderKLConfig.from_dict(TINY_VAE), rngs=nnx.Rngs(0))
     rates = jd.vae_ceiling(vae, Oracle(scenes), n=12)
     assert set(rates["renders"]) == set(rates["reconstructions"]) >= {"shape", "colour", "style", "character"}
     assert set(rates["renders"].values()) == {1.0}

@@ -79,7 +79,7 @@ def test_transformers_loads_the_judge():
 @pytest.mark.parametrize("attribute", sorted(jd.JUDGE_BAR))
 def test_shipped_judge_zero_shot(attribute):
     """The shipped judge, zero-shot on 300 fresh one-object renders: within 0.02 of its bar."""
-    from jax_erasepro.shapes.train_clip import zero_shot_accuracy
+    from jax_erasepro.shapes.labels import zero_shot_accuracy
 
     judge = jd.load_judge()
     rate = zero_shot_accuracy(judge.model, judge.tokenizer, attribute, n=300, seed=7)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from jax_erasepro.allocator import CHOICE, MALLOC_CONF, find_jemalloc, jemalloc_env
+from recipes.shapes_sd.allocator import CHOICE, MALLOC_CONF, find_jemalloc, jemalloc_env
 
 LIB = "/opt/lib/libjemalloc.so.2"
+ROOT = Path(__file__).parents[3]  # where ``recipes`` imports from
 
 
 def test_env_preloads_jemalloc_and_keeps_the_rest():
@@ -42,7 +44,7 @@ def test_find_jemalloc_takes_the_first_that_exists(tmp_path):
 
 PROBE = """
 import sys
-from jax_erasepro.allocator import use_jemalloc
+from recipes.shapes_sd.allocator import use_jemalloc
 print("started", flush=True)
 use_jemalloc()
 maps = open("/proc/self/maps").read()
@@ -54,9 +56,9 @@ print("jemalloc" if "libjemalloc" in maps else "glibc", sys.argv[1:])
 def test_reexec_runs_the_same_command_on_jemalloc():
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", CHOICE)}
     out = subprocess.run([sys.executable, "-c", PROBE, "a", "b c"], env=env, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+                         cwd=ROOT, check=True).stdout.splitlines()
     assert out == ["started", "started", "jemalloc ['a', 'b c']"]  # ran twice: once per process image
     env[CHOICE] = "system"
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+                         cwd=ROOT, check=True).stdout.splitlines()
     assert out == ["started", "glibc []"]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_erasepro.shapes import train_unet as tu
 from jax_erasepro.weights import to_state_dict
+from recipes.shapes_sd import train_unet as tu
 
 
 def _with_top_attention(config: tu.UNet2DConditionConfig) -> tu.UNet2DConditionConfig:

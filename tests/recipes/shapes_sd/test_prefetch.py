@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from jax_erasepro.prefetch import Prefetched, prefetched
-from jax_erasepro.shapes import train_unet as tu
-from jax_erasepro.shapes import train_vae as tv
-from jax_erasepro.shapes.train_clip import TOKENIZER_DIR
 from jax_erasepro.tokenizer import load_tokenizer
+from recipes.shapes_sd import train_unet as tu
+from recipes.shapes_sd import train_vae as tv
+from recipes.shapes_sd.prefetch import Prefetched, prefetched
+from recipes.shapes_sd.train_clip import TOKENIZER_DIR
 
 
 def test_no_workers_is_the_function_itself():

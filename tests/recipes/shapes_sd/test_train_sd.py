@@ -12,16 +12,18 @@ from diffusers import StableDiffusionPipeline
 from flax import nnx
 from safetensors import safe_open
 
+from jax_erasepro.diffusion import frozen_encoder, sample_latents, vae_pixels
 from jax_erasepro.loading import load_pretrained
 from jax_erasepro.models.clip import CLIPModel
 from jax_erasepro.pipeline import generate
-from jax_erasepro.shapes import build as sb
-from jax_erasepro.shapes import train_clip as tc
-from jax_erasepro.shapes import train_unet as tu
-from jax_erasepro.shapes import train_vae as tv
+from jax_erasepro.shapes.judge import load_vae
 from jax_erasepro.tokenizer import load_tokenizer, tokenize
-from jax_erasepro.training import TrainConfig, train
 from jax_erasepro.weights import num_params, to_state_dict
+from recipes.shapes_sd import build as sb
+from recipes.shapes_sd import train_clip as tc
+from recipes.shapes_sd import train_unet as tu
+from recipes.shapes_sd import train_vae as tv
+from recipes.shapes_sd.training import TrainConfig, train
 
 PROMPT = "a big green heart"
 LATENTS = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
@@ -43,9 +45,9 @@ def folders(tmp_path_factory):
 
     text_encoder = tu.load_text_encoder(root / "clip")
     unet = tu.UNet2DConditionModel(tu.unet_config("tiny", text_encoder.config.hidden_size), rngs=nnx.Rngs(2))
-    encode = tu.frozen_encoder(tv.load_vae(root / "vae"), text_encoder)
+    encode = frozen_encoder(load_vae(root / "vae"), text_encoder)
     batches = tu.unet_batches(encode, load_tokenizer(tc.TOKENIZER_DIR), 4, 0, reuse=2)
-    train(unet, tu.diffusion_loss, batches, TrainConfig(steps=2, log_every=1, ema_decay=0.9))
+    train(unet, tu.unet_loss, batches, TrainConfig(steps=2, log_every=1, ema_decay=0.9))
     tu.export(unet, root / "unet")
     sb.build(root / "vae", root / "unet", root / "clip", root / "sd")
     return root
@@ -76,17 +78,17 @@ def test_init_from_refuses_a_unet_of_another_size(folders, tmp_path):
 
 
 def test_scaling_factor_gives_unit_variance_latents(folders):
-    vae = tv.load_vae(folders / "vae")
+    vae = load_vae(folders / "vae")
     assert vae.config.scaling_factor != tv.AutoencoderKLConfig().scaling_factor  # computed, not SD's
     images = tv.make_batch(123, 32, "train")[0]  # renders the factor was not computed on
     mean, logvar = tv._posterior(vae, images)
-    z = vae.config.scaling_factor * tv.sample_latents(mean, logvar, jax.random.key(5))
+    z = vae.config.scaling_factor * sample_latents(mean, logvar, jax.random.key(5))
     assert 0.7 < float(np.std(z)) < 1.4
 
 
 def test_exports_round_trip(folders):
-    vae, unet = tv.load_vae(folders / "vae"), tu.load_unet(folders / "unet")
-    again = tv.load_vae(tv.export(vae, folders / "vae-again"))
+    vae, unet = load_vae(folders / "vae"), tu.load_unet(folders / "unet")
+    again = load_vae(tv.export(vae, folders / "vae-again"))
     for a, b in zip(to_state_dict(vae).values(), to_state_dict(again).values(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert again.config == vae.config
@@ -122,7 +124,7 @@ def test_decoder_fine_tuning_keeps_the_latent_space():
     np.testing.assert_array_equal(np.asarray(tv._posterior(model, images)[0]), before)
     after = jax.tree.leaves(nnx.state(model.decoder))
     assert any(not np.array_equal(a, b) for a, b in zip(decoder, after, strict=True))
-    edges = np.asarray(tv._edges(tv.pixels(images)))
+    edges = np.asarray(tv._edges(vae_pixels(images)))
     assert 0 < edges.mean() < 0.5  # shapes' outlines, not the flat background
 
 
@@ -157,11 +159,11 @@ def test_vae_init_from_refuses_another_size_and_decoder_from(folders, tmp_path):
 
 def test_vae_init_from_fine_tunes_the_whole_vae(folders, tmp_path):
     """--init-from starts from the trained weights and moves encoder and decoder; the source is untouched."""
-    source = to_state_dict(tv.load_vae(folders / "vae"))
+    source = to_state_dict(load_vae(folders / "vae"))
     tv.main(["--out", str(tmp_path / "run"), "--size", "tiny", "--steps", "2", "--batch-size", "4",
              "--eval-n", "8", "--restyle", "0.5", "--init-from", str(folders / "vae")])
-    tuned = to_state_dict(tv.load_vae(tmp_path / "run" / "vae"))
-    again = to_state_dict(tv.load_vae(folders / "vae"))
+    tuned = to_state_dict(load_vae(tmp_path / "run" / "vae"))
+    again = to_state_dict(load_vae(folders / "vae"))
     assert again.keys() == source.keys() == tuned.keys()
     assert all(np.array_equal(again[k], source[k]) for k in source)
     moved = {k.split(".")[0] for k in source if not np.array_equal(source[k], tuned[k])}
@@ -213,7 +215,7 @@ def test_built_folder_is_fp16_and_loads_in_our_pipeline(folders, ours):
     with safe_open(folders / "sd" / "unet" / "diffusion_pytorch_model.safetensors", "np") as f:
         keys = f.keys()
         assert {str(f.get_slice(k).get_dtype()) for k in keys} == {"F16"}
-    assert sd.config.vae.scaling_factor == tv.load_vae(folders / "vae").config.scaling_factor
+    assert sd.config.vae.scaling_factor == load_vae(folders / "vae").config.scaling_factor
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
 
 

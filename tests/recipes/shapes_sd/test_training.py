@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_erasepro.shapes.runs import prepare_run, run_parser
-from jax_erasepro.training import TrainConfig, latest_step, schedule, train
+from recipes.shapes_sd.runs import prepare_run, run_parser
+from recipes.shapes_sd.training import TrainConfig, latest_step, schedule, train
 
 W = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
 

@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from jax_erasepro.xla_flags import TRAINING_FLAGS, use_training_flags
+from recipes.shapes_sd.xla_flags import TRAINING_FLAGS, use_training_flags
 
+ROOT = Path(__file__).parents[3]  # where ``recipes`` imports from
 PROBE = """
 import json, os
-from jax_erasepro.xla_flags import use_training_flags
+from recipes.shapes_sd.xla_flags import use_training_flags
 first = use_training_flags()
 again = use_training_flags()
 import jax.numpy as jnp
@@ -24,7 +26,8 @@ def _probe(xla_flags: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     if xla_flags is not None:
         env["XLA_FLAGS"] = xla_flags
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True,
+                         cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -54,7 +57,7 @@ def test_not_added_once_the_backend_runs(monkeypatch):
 def test_not_added_on_another_jaxlib(monkeypatch):
     import jaxlib.version
 
-    from jax_erasepro import xla_flags
+    from recipes.shapes_sd import xla_flags
 
     monkeypatch.setattr(jaxlib.version, "__version__", "9.9.0")
     monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)
