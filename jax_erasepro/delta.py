@@ -12,11 +12,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_erasepro import safefiles
+from jax_erasepro import safefiles, surgery
 from jax_erasepro.errors import LoadError
 from jax_erasepro.loading import DELTA_MARKER, SafetensorsReader
 from jax_erasepro.models.config import ConfigError, read_json_object
@@ -26,7 +25,6 @@ from jax_erasepro.weights import (
     iter_state_dict,
     param_entries,
     state_dict_shapes,
-    to_flax_layout,
 )
 
 COMPONENTS = ("text_encoder", "unet", "vae")
@@ -166,25 +164,6 @@ def verify_base(sd: StableDiffusion, record: Mapping[str, Any], source: str) -> 
         raise DeltaError(f"{source}: the model lacks tensors that the delta's base had")
 
 
-def replace_tensors(model: nnx.Module, tensors: Mapping[str, np.ndarray], source: str) -> nnx.Module:
-    """A copy of ``model`` with the PyTorch-layout ``tensors`` (key -> array) put in; others are shared."""
-    graphdef, state = nnx.split(model)
-    flat = dict(nnx.to_flat_state(state))
-    entries = {key: (path, i, leaf) for path, key, i, leaf in param_entries(model)}
-    shapes = state_dict_shapes(model)
-    for key, value in tensors.items():
-        if key not in entries:
-            raise DeltaError(f"{source}: unexpected key {key!r}")
-        value = np.asarray(value)
-        if value.shape != shapes[key]:
-            raise DeltaError(f"{source}: key {key!r} has shape {value.shape}, the model has {shapes[key]}")
-        path, i, leaf = entries[key]
-        var = flat[path]
-        new = jnp.asarray(to_flax_layout(leaf, value), var.dtype)
-        flat[path] = var.replace(new if i is None else var[...].at[i].set(new))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
 def apply_delta(sd: StableDiffusion, delta_dir: str | Path) -> StableDiffusion:
     """``sd`` with a delta's tensors put in, after checking ``sd`` is the base the delta was made for."""
     root = Path(delta_dir)
@@ -197,16 +176,15 @@ def apply_delta(sd: StableDiffusion, delta_dir: str | Path) -> StableDiffusion:
         extra = sorted(reader.keys ^ set(record["edited"]))
         raise DeltaError(f"{root / DELTA_FILE}: its keys do not match delta.json (first: {extra[0]!r})")
     verify_base(sd, record, str(root))
-    changes: dict[str, dict[str, np.ndarray]] = {c: {} for c in COMPONENTS}
+    changes: dict[str, np.ndarray] = {}
     for key in sorted(reader.keys):
-        comp, name = key.split(".", 1) if "." in key else (key, "")
-        if comp not in changes:
+        if key.split(".", 1)[0] not in COMPONENTS:
             raise DeltaError(f"{root / DELTA_FILE}: key {key!r} names no component")
         arr = reader[key]
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise WeightsError(f"{root / DELTA_FILE}: key {key!r} holds NaN or inf values")
-        changes[comp][name] = arr
-    source = str(root / DELTA_FILE)
-    return sd.replace(
-        **{c: replace_tensors(getattr(sd, c), changes[c], source) for c in COMPONENTS if changes[c]}
-    )
+        changes[key] = arr
+    try:
+        return surgery.replace(sd, changes, source=str(root / DELTA_FILE))
+    except surgery.SurgeryError as e:
+        raise DeltaError(str(e)) from None

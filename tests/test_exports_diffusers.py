@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 import jax_erasepro as jep
-from jax_erasepro.delta import replace_tensors
+from jax_erasepro import surgery
 from jax_erasepro.saving import source_dtype
 from jax_erasepro.tiny import SD_SCHEDULER, TINY_TEXT, TINY_UNET, TINY_VAE
 from jax_erasepro.weights import to_state_dict
@@ -46,7 +46,7 @@ def _edited(sd):
     rng = np.random.default_rng(0)
     dw = np.outer(rng.standard_normal(w.shape[0]), rng.standard_normal(w.shape[1])).astype(np.float32)
     dw *= 0.1 * np.linalg.norm(w) / np.linalg.norm(dw)
-    return sd.replace(unet=replace_tensors(sd.unet, {ATTN2_K: w + dw}, "edit"))
+    return surgery.replace(sd, {f"unet.{ATTN2_K}": w + dw})
 
 
 @pytest.fixture(scope="module", params=["tiny", "shapes-sd"])

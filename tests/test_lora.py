@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from jax_erasepro.delta import replace_tensors
+from jax_erasepro import surgery
 from jax_erasepro.lora import LoraError, lora_factors
 from jax_erasepro.saving import save_pretrained
 from jax_erasepro.tiny import tiny_random_sd
@@ -35,8 +35,8 @@ def _rank2_edit(sd, seed=0):
             w = state[k]
             dw = rng.standard_normal((w.shape[0], 2)) @ rng.standard_normal((2, w.shape[1]))
             new[k] = (w + 0.1 * np.linalg.norm(w) / np.linalg.norm(dw) * dw).astype(np.float32)
-        out[comp] = replace_tensors(getattr(sd, comp), new, "edit")
-    return sd.replace(**out)
+        out.update({f"{comp}.{k}": v for k, v in new.items()})
+    return surgery.replace(sd, out)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_lora_refuses_what_it_cannot_hold(models, tmp_path):
         save_pretrained(edited, tmp_path / "a", format="lora")
     state = to_state_dict(base.unet)
     for key, match in [("down_blocks.0.attentions.0.proj_in.bias", "bias"), ("conv_in.weight", "Linear")]:
-        bad = edited.replace(unet=replace_tensors(edited.unet, {key: state[key] + 1.0}, "edit"))
+        bad = surgery.replace(edited, {f"unet.{key}": state[key] + 1.0})
         with pytest.raises(LoraError, match=match):
             save_pretrained(bad, tmp_path / "b", format="lora", base=base)
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []

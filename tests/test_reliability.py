@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from jax_erasepro import safefiles
-from jax_erasepro.delta import replace_tensors
+from jax_erasepro import safefiles, surgery
 from jax_erasepro.loading import load_pretrained
 from jax_erasepro.saving import foreign_reason, save_pretrained
 from jax_erasepro.tiny import tiny_random_sd
@@ -50,7 +49,7 @@ def _digest(root: Path) -> dict[str, str]:
 def _edited(sd, value: float = 0.5):
     """``sd`` with one attn2.to_k weight shifted, for delta and LoRA outputs."""
     key = ATTN2_K
-    return sd.replace(unet=replace_tensors(sd.unet, {key: to_state_dict(sd.unet)[key] + value}, "edit"))
+    return surgery.replace(sd, {f"unet.{key}": to_state_dict(sd.unet)[key] + value})
 
 
 # --- 1. overwrite replaces only an output of ours ----------------------------------------------------------
@@ -290,7 +289,7 @@ def test_a_folder_of_symlinks_protects_its_targets(sd, tmp_path):
 )
 def test_save_refuses_values_the_file_cannot_hold(sd, tmp_path, value, dtype, message):
     state = to_state_dict(sd.unet)
-    bad = sd.replace(unet=replace_tensors(sd.unet, {ATTN2_K: np.full_like(state[ATTN2_K], value)}, "bad"))
+    bad = surgery.replace(sd, {f"unet.{ATTN2_K}": np.full_like(state[ATTN2_K], value)})
     outputs = [("diffusers", "out"), ("single_file", "out.safetensors"), ("orbax", "out")]
     outputs = outputs if dtype is None else outputs[:2]  # orbax keeps the params' own dtype
     for fmt, name in outputs:

@@ -12,9 +12,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from jax_erasepro import safefiles
+from jax_erasepro import safefiles, surgery
 from jax_erasepro.compvis import diffusers_to_compvis
-from jax_erasepro.delta import DeltaError, apply_delta, replace_tensors
+from jax_erasepro.delta import DeltaError, apply_delta
 from jax_erasepro.loading import load_pretrained
 from jax_erasepro.pipeline import generate
 from jax_erasepro.saving import save_pretrained
@@ -286,7 +286,7 @@ def _edit(sd, seed=0):
     state = to_state_dict(sd.unet)
     bias = "down_blocks.0.attentions.0.proj_in.bias"
     new = {k: state[k] + rng.standard_normal(state[k].shape).astype(np.float32) for k in (ATTN2_K, bias)}
-    return sd.replace(unet=replace_tensors(sd.unet, new, "edit")), {f"unet.{k}" for k in new}
+    return surgery.replace(sd, {f"unet.{k}": v for k, v in new.items()}), {f"unet.{k}" for k in new}
 
 
 def test_delta_round_trip_and_refusals(sd, src, tmp_path):
