@@ -23,7 +23,7 @@ from flax import nnx
 
 from jax_erasepro.errors import EraseProError
 from jax_erasepro.sd import StableDiffusion
-from jax_erasepro.weights import _hf_shape, _to_hf_layout, param_entries, to_flax_layout
+from jax_erasepro.weights import hf_shape, param_entries, to_flax_layout, to_hf_layout
 
 COMPONENTS = ("text_encoder", "unet", "vae")
 LAYOUTS = ("torch", "flax")
@@ -76,7 +76,7 @@ def read(
         flat = flats.setdefault(e.component, _flat(getattr(sd, e.component)))
         arr = flat[e.path][...] if e.layer is None else flat[e.path][...][e.layer]
         if _check_layout(layout) == "torch":
-            arr = _to_hf_layout(e.leaf, np.asarray(arr))
+            arr = to_hf_layout(e.leaf, np.asarray(arr))
         out[key] = np.asarray(arr) if host else arr
     return out
 
@@ -110,9 +110,9 @@ def replace(
             want = tuple(var.shape[1:] if e.layer is not None else var.shape)
             got = tuple(np.shape(value))
             if layout == "torch":
-                if got != _hf_shape(e.leaf, want):
+                if got != hf_shape(e.leaf, want):
                     raise SurgeryError(
-                        f"{source}: {e.key} has shape {got}, the model has {_hf_shape(e.leaf, want)}"
+                        f"{source}: {e.key} has shape {got}, the model has {hf_shape(e.leaf, want)}"
                     )
                 value = to_flax_layout(e.leaf, np.asarray(value))
             elif got != want:

@@ -32,7 +32,7 @@ class WeightsError(LoadError):
     """A checkpoint does not match the model it is loaded into (names the file and the key)."""
 
 
-def _to_hf_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
+def to_hf_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
     """An NNX param in PyTorch layout: the inverse of ``to_flax_layout``."""
     perm = _layout_perm(leaf, arr.ndim, 0)
     return arr if perm is None else arr.transpose(np.argsort(perm))
@@ -44,7 +44,7 @@ def to_flax_layout(leaf: str, arr: np.ndarray) -> np.ndarray:
     return arr if perm is None else arr.transpose(perm)
 
 
-def _hf_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def hf_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The PyTorch-layout shape of an NNX param of ``shape``."""
     perm = _layout_perm(leaf, len(shape), 0)
     return shape if perm is None else tuple(shape[i] for i in np.argsort(perm))
@@ -86,7 +86,7 @@ def state_dict_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     out = {}
     for path, key, i, leaf in param_entries(model):
         shape = tuple(flat[path].shape)
-        out[key] = _hf_shape(leaf, shape[1:] if i is not None else shape)
+        out[key] = hf_shape(leaf, shape[1:] if i is not None else shape)
     return out
 
 
@@ -100,7 +100,7 @@ def iter_state_dict(
         if keys is not None and key not in keys:
             continue
         arr = flat[path] if i is None else flat[path][i]
-        arr = _to_hf_layout(leaf, arr)
+        arr = to_hf_layout(leaf, arr)
         arr = arr if dtype is None else arr.astype(dtype)
         yield key, np.ascontiguousarray(arr).reshape(arr.shape)  # keeps 0-d params (logit_scale) 0-d
 
@@ -149,7 +149,7 @@ def load_state_dict(
         entries = list(entries)
         leaf, stacked = entries[0][3], entries[0][2] is not None
         target = flat[path]
-        want = _hf_shape(leaf, tuple(target.shape[1:]) if stacked else tuple(target.shape))
+        want = hf_shape(leaf, tuple(target.shape[1:]) if stacked else tuple(target.shape))
         sources = []  # arrays, or tensors that read themselves into a buffer (``loading.FileTensor``)
         for _, key, _, _ in entries:
             src = get(key)
