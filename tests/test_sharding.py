@@ -171,7 +171,7 @@ def _worker(out: Path) -> None:
     """Run every sharded case and its single-device reference; save arrays and facts for the tests."""
     from jax_erasepro.pipeline import generate
     from jax_erasepro.tiny import tiny_random_sd
-    from jax_erasepro.training import TrainConfig, train
+    from recipes.shapes_sd.training import TrainConfig, train
 
     assert len(jax.devices()) == 8
     sd = tiny_random_sd(seed=3)

@@ -1,7 +1,7 @@
 """Stage what ``device_unet.sh`` needs into one small folder that the accelerator call carries.
 
-    python scripts/device_stage.py --vae runs/shapes-vae4w/vae --text-encoder runs/shapes-clip-text2 \
-        [--unet runs/shapes-unet7/unet] --out .device
+    python -m recipes.shapes_sd.device_stage --vae runs/shapes-vae4w/vae \
+        --text-encoder runs/shapes-clip-text2 [--unet runs/shapes-unet7/unet] --out .device
 
 The text encoder goes as its text tower alone in fp16 (15 MB instead of the CLIP's 34), the UNet to start
 from in fp16, the VAE as it is: together they stay far inside the device call's 64 MiB.
@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from jax_erasepro.loading import TEXT_PREFIX
-from jax_erasepro.shapes.runs import WEIGHTS
+from recipes.shapes_sd.runs import WEIGHTS
 
 
 def fp16(src: Path, dst: Path, keep: Callable[[str], bool] = lambda k: True) -> None:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Train shapes-sd's UNet on an accelerator within a wall-clock budget, then build and judge the candidate.
 #
-#   bash scripts/device_unet.sh IN OUT [MINUTES] [SIZE]
+#   bash recipes/shapes_sd/device_unet.sh IN OUT [MINUTES] [SIZE]
 #
-# IN: a folder written by scripts/device_stage.py (vae/, text_encoder/, and unet/ to start from, optional).
+# IN: a folder written by recipes/shapes_sd/device_stage.py (vae/, text_encoder/, and unet/ to start from, optional).
 # OUT: what comes back: the trained UNet's EMA weights (fp16, in pieces of at most 15 MiB: join them with
 #   `cat OUT/unet.safetensors.part-* > unet/diffusion_pytorch_model.safetensors`), its config, the judge's
 #   rates and image grid (OUT/quality), and the runs' logs.
@@ -21,7 +21,7 @@ args=(--size "$SIZE" --batch-size "${BATCH:-128}" --workers "${WORKERS:-12}" --s
 [ -d "$IN/unet" ] && args+=(--init-from "$IN/unet")
 rm -rf "$RUN" "$RUN-cal"
 progress_off() { tr '\r' '\n' | { grep -vE '[0-9]+/[0-9]+ \[' || true; }; }  # drop tqdm's lines, keep errors
-python -m jax_erasepro.shapes.train_unet --out "$RUN-cal" --steps 150 "${args[@]}" 2>&1 | progress_off
+python -m recipes.shapes_sd.train_unet --out "$RUN-cal" --steps 150 "${args[@]}" 2>&1 | progress_off
 steps=$(python - "$RUN-cal/log.jsonl" "$start" "$MINUTES" "${RESERVE_S:-180}" <<'PY'
 import json, sys, time
 log, start, minutes, reserve = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
@@ -33,8 +33,8 @@ print(f"calibration: {rate:.1f} steps/s, {left:.0f} s left to train", file=sys.s
 PY
 )
 echo "training $steps steps"
-python -m jax_erasepro.shapes.train_unet --out "$RUN" --steps "$steps" "${args[@]}" 2>&1 | progress_off
-python -m jax_erasepro.shapes.build --vae "$IN/vae" --unet "$RUN/unet" --text-encoder "$IN/text_encoder" \
+python -m recipes.shapes_sd.train_unet --out "$RUN" --steps "$steps" "${args[@]}" 2>&1 | progress_off
+python -m recipes.shapes_sd.build --vae "$IN/vae" --unet "$RUN/unet" --text-encoder "$IN/text_encoder" \
   --out "$RUN/shapes-sd"
 mkdir -p "$OUT"
 cp "$RUN/log.jsonl" "$OUT/log.jsonl"
