@@ -194,3 +194,16 @@ def test_judge_prompts():
     assert set(judge_prompts("stripes")) == {"plain", "stripes"}
     with pytest.raises(ValueError, match="unknown attribute"):
         judge_prompts("texture")
+
+
+def test_the_model_card_lists_the_whole_vocabulary():
+    """A user finds every concept of the world in MODEL_CARD.md's vocabulary table, not only in world.py."""
+    from pathlib import Path
+
+    import jax_erasepro.shapes as shapes_pkg
+    from jax_erasepro.shapes import world as w
+
+    card = (Path(shapes_pkg.__file__).parent / "MODEL_CARD.md").read_text()
+    table = card.split("## Vocabulary", 1)[1].split("\n## ", 1)[0]
+    for word in (*w.SHAPES, *w.COLOURS, *w.CHARACTERS, *w.STYLES, *w.IMPLICIT, *w.STYLE_MANNER.values()):
+        assert word in table, word
