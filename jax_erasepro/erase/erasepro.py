@@ -16,6 +16,7 @@ at most ``2 d_in`` least-squares columns, so the solve costs O(d_in^2 N), not O(
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -294,15 +295,20 @@ def _progressive(
     return qkv, tuple(new_unet), text_metrics, unet_metrics
 
 
-_COMPILED: dict[Any, Any] = {}
+_COMPILED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+COMPILED_MAX = 8  # programs kept (least recently used dropped): one SD v1.4 sweep holds ~100 MB of code
 
 
 def _compiled(fn: Any, *args: Any, **statics: Any) -> Any:
-    """``fn`` compiled for these argument shapes and statics, cached: equal shapes never recompile."""
+    """``fn`` compiled for these argument shapes and statics, cached (LRU): equal shapes never recompile."""
     leaves, tree = jax.tree.flatten(args)
     key = (fn, tree, tuple((a.shape, str(a.dtype)) for a in leaves), tuple(sorted(statics.items(), key=str)))
-    if key not in _COMPILED:
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+    else:
         _COMPILED[key] = fn.lower(*args, **statics).compile()
+        while len(_COMPILED) > COMPILED_MAX:
+            _COMPILED.popitem(last=False)
     return _COMPILED[key]
 
 

@@ -83,3 +83,21 @@ def test_assignments_and_unknown_methods():
     ):
         get_method("esd")
     assert convert(None, int | None, "k") is None and convert("null", float | None, "k") is None
+
+
+def test_the_compile_cache_is_bounded(monkeypatch):
+    """Erasures of many shapes keep at most COMPILED_MAX programs, dropping the least recently used."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_erasepro.erase import erasepro
+
+    monkeypatch.setattr(erasepro, "_COMPILED", type(erasepro._COMPILED)())
+    monkeypatch.setattr(erasepro, "COMPILED_MAX", 2)
+    double = jax.jit(lambda x: 2 * x)
+    first = erasepro._compiled(double, jnp.zeros(1))
+    erasepro._compiled(double, jnp.zeros(2))
+    assert erasepro._compiled(double, jnp.zeros(1)) is first  # a hit refreshes it
+    erasepro._compiled(double, jnp.zeros(3))
+    assert len(erasepro._COMPILED) == 2
+    assert erasepro._compiled(double, jnp.zeros(1)) is first  # kept: used more recently than shape (2,)
