@@ -3,7 +3,8 @@
 Keys are ``<component>.<state-dict key>`` (``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k
 .weight``, ``text_encoder.text_model.encoder.layers.3.self_attn.q_proj.weight``), the names an
 ``EraseReport`` lists and a delta or LoRA stores. ``select`` picks keys by glob pattern, ``read`` returns
-tensors, ``replace`` returns a new model with tensors put in (out of place; untouched params are shared).
+tensors, ``replace`` returns a new model with tensors put in (out of place; untouched params are shared),
+``param_filter`` turns a pattern into an NNX filter, so fine-tuning splits off exactly the keys it trains.
 Tensors are in PyTorch layout (``layout="torch"``, (out, in) for a linear weight) or in the model's own
 (``layout="flax"``, (in, out)), so closed-form solvers hand over their kernels without transposing twice.
 The key map is ``weights.param_entries``; nothing else formats a key.
@@ -55,8 +56,46 @@ def entries(sd: StableDiffusion, components: Iterable[str] = COMPONENTS) -> dict
 
 def select(sd: StableDiffusion, pattern: str | Callable[[str], bool]) -> list[str]:
     """Keys matching ``pattern`` (a glob such as ``"unet.*.attn2.to_[kv].weight"``, or a predicate)."""
-    match = pattern if callable(pattern) else (lambda k: fnmatch.fnmatchcase(k, pattern))
+    match = _matcher(pattern)
     return [k for k in entries(sd) if match(k)]
+
+
+def param_filter(
+    sd: StableDiffusion, pattern: str | Callable[[str], bool], component: str = "unet"
+) -> nnx.filterlib.Filter:
+    """An NNX filter selecting the params of ``component`` whose keys match ``pattern`` (as ``select``).
+
+    ``nnx.split(getattr(sd, component), param_filter(...), ...)`` then splits off exactly those params. A
+    stacked param is one array, so a pattern must take all of its layers or none; SurgeryError otherwise,
+    and when the pattern matches no param of ``component``.
+    """
+    if component not in COMPONENTS:
+        raise SurgeryError(f"unknown component {component!r} (choose from {', '.join(COMPONENTS)})")
+    match = _matcher(pattern)
+    hits: dict[tuple[Any, ...], list[bool]] = {}
+    for key, e in entries(sd, [component]).items():
+        hits.setdefault(e.path, []).append(match(key))
+    paths = set()
+    for path, flags in hits.items():
+        if all(flags):
+            paths.add(path)
+        elif any(flags):
+            name = ".".join(map(str, path))
+            raise SurgeryError(
+                f"pattern {_shown(pattern)} selects {sum(flags)} of the {len(flags)} stacked layers of "
+                f"{component}.{name}; select all of them or none"
+            )
+    if not paths:
+        raise SurgeryError(f"pattern {_shown(pattern)} matches no param of {component}")
+    return nnx.All(nnx.Param, lambda path, _: tuple(path) in paths)
+
+
+def _matcher(pattern: str | Callable[[str], bool]) -> Callable[[str], bool]:
+    return pattern if callable(pattern) else (lambda k: fnmatch.fnmatchcase(k, pattern))
+
+
+def _shown(pattern: str | Callable[[str], bool]) -> str:
+    return getattr(pattern, "__name__", "predicate") if callable(pattern) else repr(pattern)
 
 
 def _flat(module: nnx.Module) -> dict[tuple[Any, ...], Any]:

@@ -56,3 +56,31 @@ def test_replace_is_out_of_place_and_touches_only_its_keys(sd):
 def test_bad_replacements_are_one_line(sd, tensors, kw, message):
     with pytest.raises(surgery.SurgeryError, match=message):
         surgery.replace(sd, tensors, **kw)
+
+
+def test_param_filter_splits_off_exactly_the_selected_keys(sd):
+    from flax import nnx
+
+    keys = surgery.select(sd, "unet.*.attn2.*")
+    graphdef, picked, rest = nnx.split(sd.unet, surgery.param_filter(sd, "unet.*.attn2.*"), ...)
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(picked)}
+    assert len(names) == len(keys) and all(".attn2." in n for n in names)
+    assert not any(".attn2." in ".".join(map(str, p)) for p, _ in nnx.to_flat_state(rest))
+    # a predicate works too, and every layer of a stacked param selected together is accepted
+    text = surgery.param_filter(sd, lambda k: ".q_proj." in k, component="text_encoder")
+    _, q, _ = nnx.split(sd.text_encoder, text, ...)
+    assert {str(p[-2]) for p, _ in nnx.to_flat_state(q)} == {"q_proj"}
+
+
+@pytest.mark.parametrize(
+    "pattern, component, message",
+    [
+        ("text_encoder.encoder.layers.1.*", "text_encoder", "selects 1 of the 3 stacked layers of "
+         "text_encoder.encoder.layers.layer_norm1.bias; select all of them or none"),
+        ("unet.*.attn3.*", "unet", "pattern 'unet.\\*.attn3.\\*' matches no param of unet"),
+        ("unet.*", "clip", "unknown component 'clip'"),
+    ],
+)
+def test_param_filter_refuses_part_of_a_stack_or_nothing(sd, pattern, component, message):
+    with pytest.raises(surgery.SurgeryError, match=message):
+        surgery.param_filter(sd, pattern, component)
