@@ -18,9 +18,9 @@ import numpy as np
 
 from jax_erasepro.erase.methods import REGISTRY, get_method, parse_assignment
 from jax_erasepro.errors import ConfigError, EraseError, EraseProError, LoadError
-from jax_erasepro.pipeline import StableDiffusion
 from jax_erasepro.saving import FORMATS
 from jax_erasepro.schedulers import KINDS
+from jax_erasepro.sd import StableDiffusion
 
 DEFAULT_METHOD = "erasepro"
 IMPLICIT_METHODS = ("erasepro-implicit",)  # their anchor is "" (erase towards nothing) unless one is given

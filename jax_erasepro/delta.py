@@ -19,7 +19,7 @@ from jax_erasepro import safefiles, surgery
 from jax_erasepro.errors import LoadError
 from jax_erasepro.loading import DELTA_MARKER, SafetensorsReader
 from jax_erasepro.models.config import ConfigError, read_json_object
-from jax_erasepro.pipeline import StableDiffusion
+from jax_erasepro.sd import StableDiffusion
 from jax_erasepro.weights import (
     WeightsError,
     iter_state_dict,

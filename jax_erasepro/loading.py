@@ -27,9 +27,9 @@ from jax_erasepro.models.clip import CLIPTextConfig, CLIPTextModel
 from jax_erasepro.models.config import ConfigError, read_json_object
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
-from jax_erasepro.pipeline import SDConfig, SourceInfo, StableDiffusion
 from jax_erasepro.safefiles import SAFETENSORS_NAMES, parse_header
 from jax_erasepro.schedulers import SchedulerConfig
+from jax_erasepro.sd import SDConfig, SourceInfo, StableDiffusion
 from jax_erasepro.tokenizer import clip_tokenizer_path, load_tokenizer, tokenizer_fingerprint
 from jax_erasepro.weights import CHUNK_BYTES, WeightsError, abstract_model, load_state_dict
 

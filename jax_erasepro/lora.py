@@ -16,7 +16,7 @@ import numpy as np
 from jax_erasepro import safefiles
 from jax_erasepro.delta import COMPONENTS, base_record, iter_tensors, resolve_edited_keys
 from jax_erasepro.errors import EraseProError
-from jax_erasepro.pipeline import StableDiffusion
+from jax_erasepro.sd import StableDiffusion
 from jax_erasepro.weights import param_entries
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights(folder) looks for

@@ -30,8 +30,8 @@ from jax_erasepro.delta import DELTA_FILE, write_delta
 from jax_erasepro.errors import SaveError
 from jax_erasepro.loading import CONFIG_PATHS, DELTA_MARKER, ORBAX_MARKER, ORBAX_PARAMS, SINGLE_FILE_CONFIGS
 from jax_erasepro.lora import LORA_FILE, LORA_MARKER, write_lora
-from jax_erasepro.pipeline import StableDiffusion
 from jax_erasepro.schedulers import DEFAULT_CLASS
+from jax_erasepro.sd import StableDiffusion
 from jax_erasepro.tokenizer import tokenizer_fingerprint
 from jax_erasepro.weights import iter_state_dict, state_dict_shapes
 

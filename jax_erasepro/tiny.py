@@ -10,8 +10,8 @@ from flax import nnx
 from jax_erasepro.models.clip import CLIPTextConfig, CLIPTextModel
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
-from jax_erasepro.pipeline import SDConfig, StableDiffusion
 from jax_erasepro.schedulers import SchedulerConfig
+from jax_erasepro.sd import SDConfig, StableDiffusion
 from jax_erasepro.tokenizer import load_tokenizer
 
 TINY_TEXT: dict[str, Any] = {

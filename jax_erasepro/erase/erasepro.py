@@ -29,12 +29,12 @@ import numpy as np
 from flax import nnx
 
 from jax_erasepro.erase.columns import CONCEPT, KINDS, PADDING, Columns, EraseError, build_columns
-from jax_erasepro.erase.layers import replace_buckets, replace_qkv, unet_cross_attention
+from jax_erasepro.erase.layers import qkv_keys, replace_buckets, replace_qkv, unet_cross_attention
 from jax_erasepro.erase.methods import Request, check_choices, option
 from jax_erasepro.erase.report import EraseReport
 from jax_erasepro.erase.retain import default_retain
 from jax_erasepro.erase.solvers import DEFAULT_RCOND, constrained_solve
-from jax_erasepro.pipeline import StableDiffusion
+from jax_erasepro.sd import StableDiffusion
 from jax_erasepro.tokenizer import tokenize
 
 DEFAULT_PROMPTS = ("{}", "a photo of {}", "a painting by {}", "art by {}", "an image of {}")
@@ -524,7 +524,7 @@ def erase_erasepro(
     if edit_text:
         erased, keys = replace_qkv(erased, start_layer - 1, qkv)
         edited += keys
-        entries += _text_entries(keys, text_metrics, start_layer - 1)
+        entries += _text_entries(qkv_keys(sd, start_layer - 1), text_metrics, start_layer - 1)
     if edit_unet:
         erased, keys = replace_buckets(erased, buckets, new_unet)
         edited += keys
@@ -595,14 +595,14 @@ def _entry(key: str, stage: str, metrics: dict, i: tuple, **extra: Any) -> dict[
     }
 
 
-def _text_entries(keys: list[str], metrics: dict, start: int) -> list[dict[str, Any]]:
+def _text_entries(keys: list[list[str]], metrics: dict, start: int) -> list[dict[str, Any]]:
+    """Report entries of the edited q/k/v, layer by layer; ``keys`` per projection from ``qkv_keys``."""
     n = metrics["relative_change"].shape[0]
-    out = []
-    for layer in range(n):
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            key = f"text_encoder.encoder.layers.{start + layer}.self_attn.{name}.weight"
-            out.append(_entry(key, "text_encoder", metrics, (layer, j), layer=start + layer))
-    return out
+    return [
+        _entry(keys[j][layer], "text_encoder", metrics, (layer, j), layer=start + layer)
+        for layer in range(n)
+        for j in range(len(keys))
+    ]
 
 
 def _bucket_entries(bucket: Any, metrics: dict) -> list[dict[str, Any]]:

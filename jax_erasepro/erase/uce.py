@@ -42,7 +42,8 @@ from jax_erasepro.erase.layers import replace_buckets, unet_cross_attention
 from jax_erasepro.erase.methods import Request, check_choices, option
 from jax_erasepro.erase.report import EraseReport
 from jax_erasepro.erase.solvers import uce_solve
-from jax_erasepro.pipeline import StableDiffusion, encode_tokens
+from jax_erasepro.pipeline import encode_tokens
+from jax_erasepro.sd import StableDiffusion
 
 VARIANTS = ("2023", "2025")
 PAIRINGS = ("script", "template")

@@ -46,7 +46,7 @@ from jax_erasepro.evaluation.prompts import (
 )
 from jax_erasepro.evaluation.report import EvalReport
 from jax_erasepro.evaluation.sampling import ImageCache, Sampling, default_cache_dir, draw, fingerprint
-from jax_erasepro.pipeline import StableDiffusion
+from jax_erasepro.sd import StableDiffusion
 
 REFERENCE_SEED_OFFSET = 1_000_003  # the reference row's other seeds
 

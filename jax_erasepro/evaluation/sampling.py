@@ -22,7 +22,8 @@ from jax.sharding import Mesh
 from PIL import Image
 from tqdm import tqdm
 
-from jax_erasepro.pipeline import StableDiffusion, generate
+from jax_erasepro.pipeline import generate
+from jax_erasepro.sd import StableDiffusion
 
 
 @dataclasses.dataclass(frozen=True)

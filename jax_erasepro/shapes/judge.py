@@ -29,8 +29,9 @@ from jax_erasepro.images import save_grid
 from jax_erasepro.loading import SafetensorsReader, load_pretrained
 from jax_erasepro.models.clip import CLIPModel
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
-from jax_erasepro.pipeline import StableDiffusion, generate
+from jax_erasepro.pipeline import generate
 from jax_erasepro.schedulers import KINDS
+from jax_erasepro.sd import StableDiffusion
 from jax_erasepro.shapes.labels import ATTRIBUTES, image_label, single_object_scenes, zero_shot_predict
 from jax_erasepro.shapes.render import make_scenes, render
 from jax_erasepro.shapes.world import SIZES, STYLES, Scene, is_held_out
