@@ -223,7 +223,7 @@ def test_implicit_presets(sd):
         (dict(targets=["cat"], anchors="dog", prompts=["a photo of"]), "exactly once"),
         (dict(targets=["cat"], anchors="dog", prompts=["a photo of {}s"]), "not found"),
         (dict(targets=["cat"], anchors="dog", layers="vae"), "unknown layers 'vae'"),
-        (dict(targets=["cat"], anchors="dog", method="esd-x"), "unknown method"),
+        (dict(targets=["cat"], anchors="dog", method="no-such-method"), "unknown method"),
         (dict(targets=["cat"], anchors="dog", bogus=1), "unknown option"),
         (dict(targets=["cat"], anchors="dog", preserve=["cat"]), "both a target and preserved"),
     ],
