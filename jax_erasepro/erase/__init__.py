@@ -19,10 +19,11 @@ from jax_erasepro.erase.erasepro import (
     run_explicit,
     run_implicit,
 )
+from jax_erasepro.erase.esd import TRAIN_SETS, ESDOptions, runner
 from jax_erasepro.erase.methods import REGISTRY, Method, Request, get_method, register
 from jax_erasepro.erase.report import EraseReport
 from jax_erasepro.erase.uce import UCEOptions, erase_uce
-from jax_erasepro.pipeline import StableDiffusion
+from jax_erasepro.sd import StableDiffusion
 
 register(
     Method(
@@ -54,6 +55,17 @@ register(
         erase_uce,
     )
 )
+for _name, (_what, _) in TRAIN_SETS.items():
+    register(
+        Method(
+            _name,
+            f"ESD: fine-tunes {_what} so the target prompt's noise prediction is the original's guided away "
+            "from the concept (Adam, partial sampling to a random step); anchors and preserve are not used",
+            "Gandikota et al., Erasing Concepts from Diffusion Models, ICCV 2023 (arXiv 2303.07345)",
+            ESDOptions,
+            runner(_name),
+        )
+    )
 METHODS = REGISTRY  # name -> Method
 
 
@@ -120,6 +132,7 @@ __all__ = [
     "REGISTRY",
     "EraseError",
     "EraseProOptions",
+    "ESDOptions",
     "EraseReport",
     "ImplicitOptions",
     "Method",

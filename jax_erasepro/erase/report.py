@@ -24,6 +24,8 @@ class EraseReport:
     timings: dict[str, float]  # seconds: prepare, compile, features, solve, total
     edited: list[str]  # ``<component>.<diffusers key>`` of every changed tensor
     notes: list[str] = dataclasses.field(default_factory=list)
+    # fine-tuning methods: loss curve, per-step draws, per-key relative change, steps run (empty otherwise)
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
