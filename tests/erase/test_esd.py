@@ -167,3 +167,69 @@ def test_cli_lists_the_options(capsys):
     for row in get_method("esd-x").describe():
         assert f"  {row['name']} (" in out
     assert "Erasing Concepts from Diffusion Models" in out
+
+
+def _script_trainable(unet, train: str) -> set[str]:
+    """The trainable keys as esd_sd.py's get_esd_trainable_parameters picks them from a diffusers U-Net."""
+    picks = {
+        "esd-x": lambda name: "attn2" in name,
+        "esd-u": lambda name: "attn2" not in name,
+        "esd-all": lambda name: True,
+        "esd-x-strict": lambda name: "attn2.to_k" in name or "attn2.to_v" in name,
+    }
+    return {
+        f"unet.{name}.{n}"
+        for name, module in unet.named_modules()
+        if type(module).__name__ in ("Linear", "Conv2d", "LoRACompatibleLinear", "LoRACompatibleConv")
+        and picks[train](name)
+        for n, _ in module.named_parameters()
+    }
+
+
+def test_trainable_sets_loss_and_gradient_match_the_scripts_torch_computation(sd, parts):
+    """esd_sd.py's computation in PyTorch (diffusers U-Net, same weights, same x_t): trainable sets by the
+    script's module rule, the loss, and the gradient of every esd-x parameter."""
+    import torch
+
+    from jax_erasepro.weights import to_hf_layout
+    from tests.conftest import assert_close
+    from tests.torch_bridge import torch_pipeline
+
+    pipe = torch_pipeline(sd)
+    for train in ("esd-x", "esd-u", "esd-all", "esd-x-strict"):
+        assert set(surgery.select(sd, trainable_predicate(sd, train))) == _script_trainable(pipe.unet, train)
+
+    unet_def, trainable, rest, cond, uncond, schedule = parts
+    x_t = jax.random.normal(jax.random.key(5), (1, 8, 8, 4))
+    t, eta = schedule.timesteps[2], 2.0
+    target = frozen_target(unet_def, trainable, rest, x_t, t, cond, uncond, eta, "target")
+    loss, grads = jax.jit(jax.value_and_grad(esd_loss, argnums=1), static_argnums=0)(
+        unet_def, trainable, rest, x_t, t, cond, target
+    )
+
+    unet = pipe.unet
+    xt = torch.from_numpy(np.asarray(x_t).transpose(0, 3, 1, 2).copy())
+    erase_embeds, null_embeds = (torch.from_numpy(np.array(s)) for s in (cond, uncond))
+    step = int(t)
+    with torch.no_grad():
+        noise_pred_erase = unet(xt, step, encoder_hidden_states=erase_embeds).sample
+        noise_pred_null = unet(xt, step, encoder_hidden_states=null_embeds).sample
+    names = _script_trainable(unet, "esd-x")
+    params = dict(unet.named_parameters())
+    for name, p in params.items():
+        p.requires_grad_(f"unet.{name}" in names)
+    noise_pred_esd = unet(xt, step, encoder_hidden_states=erase_embeds).sample
+    esd_target_ = noise_pred_erase - eta * (noise_pred_erase - noise_pred_null)  # esd_sd.py, erase_from None
+    ref = torch.nn.functional.mse_loss(noise_pred_esd, esd_target_)
+    ref.backward()
+    assert_close(float(loss), ref.item())
+    table = surgery.entries(sd, ["unet"])
+    by_path = {e.path: (k, e.leaf) for k, e in table.items()}
+    flat = dict(nnx.to_flat_state(grads))
+    assert {by_path[p][0] for p in flat} == names
+    for path, g in flat.items():
+        key, leaf = by_path[path]
+        want = params[key.split(".", 1)[1]].grad.numpy()
+        got = to_hf_layout(leaf, np.asarray(g[...]))
+        # relative to the tensor's largest gradient entry: gradients are far below 1
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max() + 1e-9, key
