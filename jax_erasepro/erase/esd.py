@@ -284,6 +284,9 @@ def erase_esd(
         raise EraseError(f"unknown ESD train set {train!r} (choose from {', '.join(TRAIN_SETS)})")
     ids, texts = _prompt_ids(sd, request)
     empty_ids = tokenize(sd.tokenizer, [""], max_length=ids.shape[1])
+    n_train, n_steps = sd.scheduler_config.num_train_timesteps, opts["ddim_steps"]
+    if n_steps > n_train:
+        raise EraseError(f"ddim_steps must be <= the model's {n_train} training timesteps, got {n_steps}")
     schedule = schedulers.make_schedule(sd.scheduler_config, opts["scheduler"], opts["ddim_steps"])
     f = sd.config.vae_scale_factor
     side = opts["resolution"] or sd.config.unet.sample_size * f

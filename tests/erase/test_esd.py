@@ -233,3 +233,9 @@ def test_trainable_sets_loss_and_gradient_match_the_scripts_torch_computation(sd
         got = to_hf_layout(leaf, np.asarray(g[...]))
         # relative to the tensor's largest gradient entry: gradients are far below 1
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max() + 1e-9, key
+
+
+def test_more_ddim_steps_than_training_timesteps_is_one_line(sd):
+    message = "ddim_steps must be <= the model's 1000 training timesteps, got 1001"
+    with pytest.raises(EraseError, match=message):
+        erase(sd, "cat", "", method="esd-x", ddim_steps=1001, progress=False)
