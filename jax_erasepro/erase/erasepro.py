@@ -408,6 +408,24 @@ def run_implicit(
     return erase_erasepro(sd, request, resolved, method="erasepro-implicit")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """An ErasePro request as padded arrays: columns, prompt rows and the static sizes of the sweep."""
+
+    cols: Columns
+    templates: tuple[str, ...]
+    retain: tuple[str, ...]
+    start_layer: int  # 1-based
+    pad_tokens: int | None
+    col_arrays: dict[str, jax.Array]
+    x_ids: jax.Array  # target and preserved prompt rows, then the retain rows
+    y_ids: jax.Array  # anchor prompt rows
+    n_hard: int
+    n_cand: int
+    n_core: int
+    n_retain: int
+
+
 def erase_erasepro(
     sd: StableDiffusion, request: Request, options: EraseProOptions, *, method: str = "erasepro"
 ) -> tuple[StableDiffusion, EraseReport]:
@@ -421,40 +439,43 @@ def erase_erasepro(
     options win.
     ``start_layer`` None: ``PROTECTED_START`` in the protected form, 1 in the paper's.
     """
-    targets, anchors, preserve, prompts = request.targets, request.anchors, request.preserve, request.prompts
-    form, layers, start_layer, pad_tokens = (
-        options.form,
-        options.layers,
-        options.start_layer,
-        options.pad_tokens,
-    )
-    first_tokens, last_token_only, retain = options.first_tokens, options.last_token_only, options.retain
-    ridge, rcond, unroll = options.ridge, options.rcond, options.unroll
     t0 = time.perf_counter()
-    protected = form == "protected"
-    templates = tuple(DEFAULT_PROMPTS if prompts is None else prompts)
-    if start_layer is None:
-        start_layer = min(PROTECTED_START, sd.config.text_encoder.num_hidden_layers) if protected else 1
-    if protected and pad_tokens is None and first_tokens is None:
-        pad_tokens = 0
-    if retain is None:
-        retain = default_retain(sd, targets, preserve, templates)
+    plan = _plan(sd, request, options)
+    t_prep = time.perf_counter()
+    qkv, new_unet, text_metrics, unet_metrics, times = _sweep(sd, plan, options)
+    erased, edited, entries = _put_in(sd, plan, options, qkv, new_unet, text_metrics, unet_metrics)
+    timings = {"prepare": t_prep - t0, **times, "total": time.perf_counter() - t0}
+    return erased, _report(sd, request, options, plan, method, entries, edited, timings)
+
+
+def _plan(sd: StableDiffusion, request: Request, options: EraseProOptions) -> _Plan:
+    """Resolve the form's defaults, build the feature columns and pad everything to shared buckets."""
+    protected = options.form == "protected"
     n_layers = sd.config.text_encoder.num_hidden_layers
+    templates = tuple(DEFAULT_PROMPTS if request.prompts is None else request.prompts)
+    start_layer = options.start_layer
+    if start_layer is None:
+        start_layer = min(PROTECTED_START, n_layers) if protected else 1
     if not 1 <= start_layer <= n_layers:
         raise EraseError(f"start_layer={start_layer} is outside the text encoder's layers 1..{n_layers}")
+    pad_tokens = options.pad_tokens
+    if protected and pad_tokens is None and options.first_tokens is None:
+        pad_tokens = 0
+    retain = options.retain
+    if retain is None:
+        retain = default_retain(sd, request.targets, request.preserve, templates)
     max_length = sd.config.text_encoder.max_position_embeddings
     cols = build_columns(
         sd.tokenizer,
-        targets,
-        anchors,
-        preserve,
+        request.targets,
+        request.anchors,
+        request.preserve,
         templates,
         max_length=max_length,
         pad_tokens=pad_tokens,
-        first_tokens=first_tokens,
-        last_token_only=protected and last_token_only,
+        first_tokens=options.first_tokens,
+        last_token_only=protected and options.last_token_only,
     )
-    edit_text, edit_unet = layers in ("all", "text_encoder"), layers in ("all", "unet")
     d_text = sd.config.text_encoder.hidden_size
     # N <= d_in: every column may be hard. Past d_in, only concept/EOS, preserved and prefix columns (padding
     # is fitted in least squares), the first d_in of them by priority.
@@ -463,9 +484,6 @@ def erase_erasepro(
     n_pad = _round_up(cols.n, COLUMN_BUCKET)
     n_cand = min(n_pad, d_text)
     n_core = min(n_cand, max(1, _round_up(int(np.sum(cols.kind[:n_hard] != PADDING)), COLUMN_BUCKET)))
-    graphdef, params = nnx.split(sd.text_encoder)
-    buckets = unet_cross_attention(sd)
-    unet_weights = tuple(b.stack() for b in buckets)
     col_arrays = {
         "x_row": cols.x_row,
         "x_pos": cols.x_pos,
@@ -480,82 +498,124 @@ def erase_erasepro(
         k: jnp.asarray(np.pad(v, (0, n_pad - cols.n), constant_values=PADDING if k == "kind" else 0))
         for k, v in col_arrays.items()
     }
-    retain_ids = tokenize(sd.tokenizer, list(retain), max_length=max_length) if retain else None
     x_rows = _pad_rows(cols.x_ids)
     n_retain = 0
-    if retain_ids is not None:  # padded to a bucket with masked rows, so similar sets share a program
+    if retain:  # padded to a bucket with masked rows, so similar sets share a program
+        retain_ids = tokenize(sd.tokenizer, list(retain), max_length=max_length)
         n_retain = _round_up(len(retain_ids), RETAIN_BUCKET)
         retain_ids = np.pad(retain_ids, ((0, n_retain - len(retain_ids)), (0, 0)))
         x_rows = np.concatenate([x_rows, retain_ids.astype(x_rows.dtype)])
     col_arrays["retain_real"] = jnp.arange(max(n_retain, 1)) < len(retain)
-    x_ids, y_ids = jnp.asarray(x_rows), jnp.asarray(_pad_rows(cols.y_ids))
-    t_prep = time.perf_counter()
-
-    anchor_fn = _compiled(_anchor_states, params, y_ids, graphdef=graphdef)
-    statics = dict(
-        start=start_layer - 1,
+    return _Plan(
+        cols=cols,
+        templates=templates,
+        retain=tuple(retain),
+        start_layer=start_layer,
+        pad_tokens=pad_tokens,
+        col_arrays=col_arrays,
+        x_ids=jnp.asarray(x_rows),
+        y_ids=jnp.asarray(_pad_rows(cols.y_ids)),
+        n_hard=n_hard,
         n_cand=n_cand,
         n_core=n_core,
-        rcond=rcond,
-        edit_text=edit_text,
-        edit_unet=edit_unet,
-        unroll=unroll,
-        graphdef=graphdef,
         n_retain=n_retain,
-        weigh=protected,
-        ridge=float(ridge),
     )
-    states = (n_layers + 1, *y_ids.shape, d_text)
+
+
+def _sweep(sd: StableDiffusion, plan: _Plan, options: EraseProOptions) -> tuple:
+    """Compile (or reuse) and run the anchor pass and the progressive sweep: new kernels, metrics, seconds."""
+    t0 = time.perf_counter()
+    graphdef, params = nnx.split(sd.text_encoder)
+    unet_weights = tuple(b.stack() for b in unet_cross_attention(sd))
+    anchor_fn = _compiled(_anchor_states, params, plan.y_ids, graphdef=graphdef)
+    statics = dict(
+        start=plan.start_layer - 1,
+        n_cand=plan.n_cand,
+        n_core=plan.n_core,
+        rcond=options.rcond,
+        edit_text=options.layers in ("all", "text_encoder"),
+        edit_unet=options.layers in ("all", "unet"),
+        unroll=options.unroll,
+        graphdef=graphdef,
+        n_retain=plan.n_retain,
+        weigh=options.form == "protected",
+        ridge=float(options.ridge),
+    )
+    states = (
+        sd.config.text_encoder.num_hidden_layers + 1,
+        *plan.y_ids.shape,
+        sd.config.text_encoder.hidden_size,
+    )
     y_shapes = (jax.ShapeDtypeStruct(states, jnp.float32), jax.ShapeDtypeStruct(states[1:], jnp.float32))
-    sweep_fn = _compiled(_progressive, params, unet_weights, x_ids, *y_shapes, col_arrays, **statics)
+    sweep_fn = _compiled(
+        _progressive, params, unet_weights, plan.x_ids, *y_shapes, plan.col_arrays, **statics
+    )
     t_compile = time.perf_counter()
-
-    y_states, y_last = jax.block_until_ready(anchor_fn(params, y_ids))
+    y_states, y_last = jax.block_until_ready(anchor_fn(params, plan.y_ids))
     t_features = time.perf_counter()
-    out = sweep_fn(params, unet_weights, x_ids, y_states, y_last, col_arrays)
-    qkv, new_unet, metrics = out[0], out[1], _to_host(jax.block_until_ready(out[2:]))
-    text_metrics, unet_metrics = metrics
+    out = sweep_fn(params, unet_weights, plan.x_ids, y_states, y_last, plan.col_arrays)
+    qkv, new_unet = out[0], out[1]
+    text_metrics, unet_metrics = _to_host(jax.block_until_ready(out[2:]))
     t_solve = time.perf_counter()
-
-    finite = all(bool(np.all(m["finite"])) for m in [text_metrics, *unet_metrics] if m)
-    if not finite:
+    if not all(bool(np.all(m["finite"])) for m in [text_metrics, *unet_metrics] if m):
         raise EraseError("NaN or inf in the features or in a solution: the model was left unchanged")
+    times = {"compile": t_compile - t0, "features": t_features - t_compile, "solve": t_solve - t_features}
+    return qkv, new_unet, text_metrics, unet_metrics, times
+
+
+def _put_in(sd, plan: _Plan, options: EraseProOptions, qkv, new_unet, text_metrics, unet_metrics) -> tuple:
+    """The edited model, the keys it changed and one report entry per edited weight."""
     erased, edited, entries = sd, [], []
-    if edit_text:
-        erased, keys = replace_qkv(erased, start_layer - 1, qkv)
+    start = plan.start_layer - 1
+    if options.layers in ("all", "text_encoder"):
+        erased, keys = replace_qkv(erased, start, qkv)
         edited += keys
-        entries += _text_entries(qkv_keys(sd, start_layer - 1), text_metrics, start_layer - 1)
-    if edit_unet:
+        entries += _text_entries(qkv_keys(sd, start), text_metrics, start)
+    if options.layers in ("all", "unet"):
+        buckets = unet_cross_attention(sd)
         erased, keys = replace_buckets(erased, buckets, new_unet)
         edited += keys
         for b, metrics in zip(buckets, unet_metrics, strict=True):
             entries += _bucket_entries(b, metrics)
-    notes = _notes(cols, n_hard, d_text, entries, start_layer == 1 and edit_text)
-    if first_tokens is not None:
+    return erased, edited, entries
+
+
+def _report(
+    sd, request: Request, options: EraseProOptions, plan: _Plan, method: str, entries, edited, timings
+):
+    """The EraseReport: the request, the resolved options, the columns, per-weight entries and notes."""
+    protected = options.form == "protected"
+    cols = plan.cols
+    n_layers = sd.config.text_encoder.num_hidden_layers
+    edit_text = options.layers in ("all", "text_encoder")
+    notes = _notes(
+        cols, plan.n_hard, sd.config.text_encoder.hidden_size, entries, plan.start_layer == 1 and edit_text
+    )
+    if options.first_tokens is not None:
         notes.append(
-            f"implicit: first {first_tokens} paired tokens, text-encoder layers {start_layer}..{n_layers}"
+            f"implicit: first {options.first_tokens} paired tokens, text-encoder layers "
+            f"{plan.start_layer}..{n_layers}"
         )
-    t_end = time.perf_counter()
-    report = EraseReport(
+    return EraseReport(
         method=method,
-        targets=list(targets),
-        anchors=list(anchors),
-        preserve=list(preserve),
-        prompts=list(templates),
+        targets=list(request.targets),
+        anchors=list(request.anchors),
+        preserve=list(request.preserve),
+        prompts=list(plan.templates),
         options={
-            "layers": layers,
-            "pad_tokens": pad_tokens,
-            "first_tokens": first_tokens,
-            "start_layer": start_layer,
-            "rcond": rcond,
-            "form": form,
-            "retain": list(retain),
-            "ridge": ridge,
-            "last_token_only": protected and last_token_only,
+            "layers": options.layers,
+            "pad_tokens": plan.pad_tokens,
+            "first_tokens": options.first_tokens,
+            "start_layer": plan.start_layer,
+            "rcond": options.rcond,
+            "form": options.form,
+            "retain": list(plan.retain),
+            "ridge": options.ridge,
+            "last_token_only": protected and options.last_token_only,
         },
         columns={
             "total": cols.n,
-            "hard_candidates": n_hard,
+            "hard_candidates": plan.n_hard,
             "duplicates_dropped": cols.duplicates,
             "conflicts_dropped": cols.conflicts,
             "embedding_conflicts": int(np.sum(cols.embedding_conflict)),
@@ -563,17 +623,10 @@ def erase_erasepro(
         },
         pairs=[dict(p) for p in cols.pairs],
         layers=entries,
-        timings={
-            "prepare": t_prep - t0,
-            "compile": t_compile - t_prep,
-            "features": t_features - t_compile,
-            "solve": t_solve - t_features,
-            "total": t_end - t0,
-        },
+        timings=timings,
         edited=sorted(edited),
         notes=notes,
     )
-    return erased, report
 
 
 def _entry(key: str, stage: str, metrics: dict, i: tuple, **extra: Any) -> dict[str, Any]:

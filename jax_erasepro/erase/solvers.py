@@ -243,6 +243,65 @@ def _select_hard_greedy(
     return kept[:k], q[:, :k], r_inv[:k, :k]
 
 
+def _hard_edit(w0: Array, c: Array, resid: Array, kept: Array, q: Array, r_inv: Array, order: Array, h: int):
+    """D_h = R_h C_h^+, the minimal-norm D with D C_h = R_h over at most ``h`` (static) hard columns,
+    gathered first so every product with the hard set is h wide, plus one step of iterative refinement on
+    the rounded weight (residual to its floor): D_h = R_h C_h^+ + E_h C_h^+."""
+    sel = jnp.argsort(~kept, stable=True)[:h]  # the kept columns, in sorted order, then others
+    held = kept[sel]
+    q_h, r_inv_h = q[:, sel], r_inv[sel][:, sel]  # (d, h), (h, h): zero off the kept columns
+    pinv = r_inv_h @ q_h.T  # (h, d): C_h^+
+    cols = order[sel]
+    c_h = jnp.where(held, c[:, cols], 0)
+    r_hard = jnp.where(held, resid[..., cols], 0)
+    d_hard = r_hard @ pinv
+    e_hard = r_hard - ((w0 + d_hard) - w0) @ c_h  # (..., d_out, h)
+    return d_hard + e_hard @ pinv, r_hard, e_hard, q_h, pinv, c_h, r_inv_h
+
+
+def _soft_edit(
+    c: Array,
+    resid: Array,
+    skip: Array,
+    r_hard: Array,
+    e_hard: Array,
+    q_h: Array,
+    pinv: Array,
+    tol: Array,
+    m: int,
+) -> Array:
+    """D_s with rows orthogonal to span(C_h) = span(Q_h) (so D_s C_h = 0) fitting what is left of the soft
+    columns in least squares with minimal norm: D_s = (R_s - D_h C_s) B^+, B = (I - Q_h Q_h^T) C_s. Only the
+    soft columns enter B (zero columns add nothing to B^+): the first ``m`` (static) after a stable sort."""
+    idx = jnp.argsort(skip, stable=True)[:m]
+    c_s = jnp.where(skip[idx], 0, c[:, idx])
+    pc = pinv @ c_s  # (h, m): D_h C_s = R_h pc + E_h pc, h wide
+    e = jnp.where(skip[idx], 0, resid[..., idx]) - (r_hard @ pc + e_hard @ pc)
+    ub, _, inv_b, vbt, _ = _masked_svd(c_s - q_h @ (q_h.T @ c_s), tol)
+    d_soft = ((e @ vbt.T) * inv_b) @ ub.T
+    return d_soft - (d_soft @ q_h) @ q_h.T  # remove the rounding-level leak into span(C_h)
+
+
+def _hard_extremes(r_inv_h: Array, c_h: Array, dtype: jnp.dtype) -> tuple[Array, Array]:
+    """sigma_min and sigma_max of the hard block, from 1 / ||R^-1||_2 (no SVD of the block past 128)."""
+    tiny = jnp.finfo(dtype).tiny
+    if r_inv_h.shape[-1] <= EXACT_SVD_MAX:  # R^-1's nonzero singular values are 1 / those of C_h
+        sv = jnp.linalg.svd(r_inv_h, compute_uv=False)
+        return 1 / jnp.maximum(sv[0], tiny), 1 / jnp.maximum(jnp.min(jnp.where(sv > 0, sv, jnp.inf)), tiny)
+    return 1 / jnp.maximum(_sigma_max(r_inv_h, 256), tiny), _sigma_max(c_h, 256)
+
+
+def _edit(h: int, sizes: list[int], w0, c, resid, kept, q, r_inv, order, skip, tol, dtype) -> tuple:
+    """D = W - W_o with at most ``h`` hard columns and the soft rest, and the hard set's extreme singular
+    values; the soft fit is as wide as the smallest of ``sizes`` that holds every soft column."""
+    d_hard, r_hard, e_hard, q_h, pinv, c_h, r_inv_h = _hard_edit(w0, c, resid, kept, q, r_inv, order, h)
+    n_soft = jnp.sum(~skip)
+    soft = [partial(_soft_edit, c, resid, skip, r_hard, e_hard, q_h, pinv, tol, m) for m in sizes]
+    branch = jnp.where(n_soft == 0, 0, 1 + jnp.sum(jnp.asarray(sizes) < n_soft))
+    d_soft = jax.lax.switch(branch, [lambda: jnp.zeros_like(d_hard), *soft])
+    return d_hard + d_soft, *_hard_extremes(r_inv_h, c_h, dtype)
+
+
 @partial(jax.jit, static_argnames=("precision", "candidates", "n_core"))
 def _constrained(
     w_o: Array,
@@ -257,6 +316,7 @@ def _constrained(
     core: Array | None = None,
     n_core: int | None = None,
 ) -> tuple[Array, SolveReport]:
+    """Admit the hard columns (``_select_hard``), then the edit of the narrowest program that holds them."""
     dtype = _compute_dtype(precision)
     w0, c, t = w_o.astype(dtype), c.astype(dtype), t.astype(dtype)
     k = c.shape[1]
@@ -269,66 +329,12 @@ def _constrained(
     resid = t - w0 @ c  # (..., d_out, K): what the edit D = W - W_o must add on each column
     # All-zero columns (callers' shape padding) fit nothing whatever D is: they are left out of the soft fit.
     skip = hard | ~jnp.any(c != 0, axis=0)
-    n_soft = jnp.sum(~skip)
     sizes = sorted({min(m, k) for m in (*SOFT_SIZES, k)})
-
-    def edit(h: int) -> Callable[[None], tuple[Array, Array, Array]]:
-        """D = W - W_o with at most ``h`` (static) hard columns, gathered first so every product with the
-        hard set is h wide, and the hard set's extreme singular values."""
-
-        def solve(_: None) -> tuple[Array, Array, Array]:
-            sel = jnp.argsort(~kept, stable=True)[:h]  # the kept columns, in sorted order, then others
-            held = kept[sel]
-            q_h, r_inv_h = q[:, sel], r_inv[sel][:, sel]  # (d, h), (h, h): zero off the kept columns
-            pinv = r_inv_h @ q_h.T  # (h, d): C_h^+
-            cols = order[sel]
-            c_h = jnp.where(held, c[:, cols], 0)
-            # Hard part: D_h = R_h C_h^+, the minimal-norm D with D C_h = R_h, and one step of iterative
-            # refinement on the rounded weight (residual to its floor): D_h = R_h C_h^+ + E_h C_h^+.
-            r_hard = jnp.where(held, resid[..., cols], 0)
-            d_hard = r_hard @ pinv
-            e_hard = r_hard - ((w0 + d_hard) - w0) @ c_h  # (..., d_out, h)
-            d_hard = d_hard + e_hard @ pinv
-
-            # Soft part: D_s with rows orthogonal to span(C_h) = span(Q_h) (so D_s C_h = 0) fitting what
-            # is left of the soft columns in least squares with minimal norm: D_s = (R_s - D_h C_s) B^+,
-            # B = (I - Q_h Q_h^T) C_s. Only the soft columns enter B (zero columns add nothing to B^+):
-            # the first m after a stable sort, for the smallest m in SOFT_SIZES holding them all.
-            def soft(m: int) -> Callable[[None], Array]:
-                def fit(_: None) -> Array:
-                    idx = jnp.argsort(skip, stable=True)[:m]
-                    c_s = jnp.where(skip[idx], 0, c[:, idx])
-                    pc = pinv @ c_s  # (h, m): D_h C_s = R_h pc + E_h pc, h wide
-                    e = jnp.where(skip[idx], 0, resid[..., idx]) - (r_hard @ pc + e_hard @ pc)
-                    ub, _, inv_b, vbt, _ = _masked_svd(c_s - q_h @ (q_h.T @ c_s), tol)
-                    d_soft = ((e @ vbt.T) * inv_b) @ ub.T
-                    return d_soft - (d_soft @ q_h) @ q_h.T  # remove the rounding-level leak into span(C_h)
-
-                return fit
-
-            def none(_: None) -> Array:
-                return jnp.zeros_like(d_hard)
-
-            branch = jnp.where(n_soft == 0, 0, 1 + jnp.sum(jnp.asarray(sizes) < n_soft))
-            d_soft = jax.lax.switch(branch, [none, *(soft(m) for m in sizes)], None)
-            # sigma_max(C_h) and 1 / sigma_min(C_h) = ||R^-1||_2 (no SVD of the hard block past 128)
-            if h <= EXACT_SVD_MAX:  # R^-1's nonzero singular values are 1 / those of C_h
-                sv = jnp.linalg.svd(r_inv_h, compute_uv=False)
-                s_min = 1 / jnp.maximum(sv[0], jnp.finfo(dtype).tiny)
-                s_max = 1 / jnp.maximum(jnp.min(jnp.where(sv > 0, sv, jnp.inf)), jnp.finfo(dtype).tiny)
-            else:
-                s_max = _sigma_max(c_h, 256)
-                s_min = 1 / jnp.maximum(_sigma_max(r_inv_h, 256), jnp.finfo(dtype).tiny)
-            return d_hard + d_soft, s_min, s_max
-
-        return solve
-
     rank = jnp.sum(kept)
     # a narrow program when only the core could be held (n_core bounds it), the full width otherwise
     widths = [n_c] if n_core is None or n_core >= n_c else [n_core, n_c]
-    d_edit, s_min, s_max = jax.lax.switch(
-        jnp.sum(jnp.asarray(widths[:-1]) < rank), [edit(h) for h in widths], None
-    )
+    edits = [partial(_edit, h, sizes, w0, c, resid, kept, q, r_inv, order, skip, tol, dtype) for h in widths]
+    d_edit, s_min, s_max = jax.lax.switch(jnp.sum(jnp.asarray(widths[:-1]) < rank), edits)
     w = (w0 + d_edit).astype(w_o.dtype)
     delta = w.astype(dtype) - w0
     report = SolveReport(
