@@ -516,7 +516,11 @@ def cmd_report(args: argparse.Namespace) -> None:
         raise UsageError(f"no report at {path}")
     data = read_report(path)
     print(f"method: {data.get('method')}  targets: {data['targets']}  anchors: {data['anchors']}")
-    print(f"{'edited weight':72} {'residual before':>15} {'after':>10} {'rel change':>10}")
+    training = data.get("training") or {}
+    if training and not data.get("layers"):
+        _print_training(training)
+    else:
+        print(f"{'edited weight':72} {'residual before':>15} {'after':>10} {'rel change':>10}")
     for layer in data.get("layers", []):
         print(
             f"{layer['key']:72} {layer['residual_before']:15.3e} {layer['residual_after']:10.3e}"
@@ -524,6 +528,21 @@ def cmd_report(args: argparse.Namespace) -> None:
         )
     for note in data.get("notes", []):
         print(f"note: {note}")
+
+
+def _print_training(training: dict) -> None:
+    """A fine-tuning run: steps, the loss at the start and the end, the most changed weights."""
+    loss = [float(v) for v in training.get("loss", [])]
+    k = max(1, len(loss) // 10)
+    if loss:
+        print(f"trained {training.get('steps_run', len(loss))} steps; mean loss of the first {k}: "
+              f"{sum(loss[:k]) / k:.4g}, of the last {k}: {sum(loss[-k:]) / k:.4g}")
+    change = sorted((training.get("relative_change") or {}).items(), key=lambda kv: -kv[1])
+    print(f"{'trained weight (largest changes)':72} {'rel change':>10}")
+    for key, value in change[:20]:
+        print(f"{key:72} {value:10.3e}")
+    if len(change) > 20:
+        print(f"... and {len(change) - 20} more (report.json: training.relative_change)")
 
 
 # --- methods ---------------------------------------------------------------------------------------------

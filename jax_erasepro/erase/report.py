@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 @dataclasses.dataclass
 class EraseReport:
@@ -50,12 +52,16 @@ class EraseReport:
         return max((e[field] for e in entries), default=0.0)
 
     def plot(self, path: str | Path) -> None:
-        """PNG: per edited weight, residual before/after and relative change (log scale), matplotlib Agg."""
+        """PNG: per edited weight, residual before/after and relative change (log scale), matplotlib Agg;
+        for a fine-tuning method, its loss curve and the relative change of each trained weight."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        if self.training and not self.layers:
+            _plot_training(self, plt, path)
+            return
         names = [_short(e["key"]) for e in self.layers]
         fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.25 * len(names)), 8), sharex=True)
         for field in ("residual_before", "residual_after"):
@@ -69,6 +75,29 @@ class EraseReport:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def _plot_training(report: EraseReport, plt: Any, path: str | Path) -> None:
+    """The loss per step (and its running mean) above the relative change of every trained weight."""
+    loss = np.asarray(report.training.get("loss", []), float)
+    change = report.training.get("relative_change", {})
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.12 * len(change)), 8))
+    if loss.size:
+        axes[0].plot(loss, lw=0.6, alpha=0.5, label="loss")
+        k = max(1, loss.size // 20)
+        axes[0].plot(
+            np.arange(k - 1, loss.size), np.convolve(loss, np.ones(k) / k, "valid"), label=f"mean of {k}"
+        )
+        axes[0].set_yscale("log")
+        axes[0].legend()
+    axes[0].set_xlabel("step")
+    axes[1].semilogy([max(v, 1e-12) for v in change.values()], "o", ms=2)
+    axes[1].set_xticks(range(len(change)), [_short(k) for k in change], rotation=90, fontsize=4)
+    axes[1].set_ylabel("||W - W_o|| / ||W_o||")
+    fig.suptitle(f"{report.method}: {report.training.get('steps_run', loss.size)} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _short(key: str) -> str:

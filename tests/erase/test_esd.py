@@ -81,8 +81,9 @@ def test_sampling_to_t_enc_equals_the_pipelines_loop(sd, parts):
     noise = jax.random.normal(jax.random.key(1), (1, 8, 8, 4))
     guided = jnp.concatenate([uncond, cond])
     for t_enc in (0, 3):
-        ours = sample_xt(unet_def, (trainable, rest), schedule, noise, guided, 3.0, jnp.int32(t_enc),
-                         jax.random.key(2))
+        ours = sample_xt(
+            unet_def, (trainable, rest), schedule, noise, guided, 3.0, jnp.int32(t_enc), jax.random.key(2)
+        )
         ref = denoise_loop(full_def, full, schedule, noise, guided, 3.0, jax.random.key(2), 0, t_enc)
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
@@ -93,15 +94,29 @@ def test_the_step_loss_is_the_scripts_formula(sd, parts):
     unet_def, trainable, rest, cond, uncond, schedule = parts
     key, step, eta, shape = jax.random.key(3), 5, 2.0, (1, 8, 8, 4)
     _, _, loss, t_enc = esd_step(
-        trainable, _ADAM.init(trainable), trainable, rest, schedule, cond, uncond, jnp.int32(step), key,
-        jnp.float32(1e-3), jnp.float32(eta), jnp.float32(3.0),
-        unet_def=unet_def, shape=shape, base="target", sample_trained=True,
+        trainable,
+        _ADAM.init(trainable),
+        trainable,
+        rest,
+        schedule,
+        cond,
+        uncond,
+        jnp.int32(step),
+        key,
+        jnp.float32(1e-3),
+        jnp.float32(eta),
+        jnp.float32(3.0),
+        unet_def=unet_def,
+        shape=shape,
+        base="target",
+        sample_trained=True,
     )
     t_draw, noise, k_sample = draws(key, jnp.int32(step), 4, shape)
     assert int(t_enc) == int(t_draw)
     full_def, full = nnx.split(sd.unet)
-    x_t = denoise_loop(full_def, full, schedule, noise, jnp.concatenate([uncond, cond]), 3.0, k_sample, 0,
-                       int(t_enc))
+    x_t = denoise_loop(
+        full_def, full, schedule, noise, jnp.concatenate([uncond, cond]), 3.0, k_sample, 0, int(t_enc)
+    )
     t = schedule.timesteps[int(t_enc)]
     unet = sd.unet
     e_c = guided_noise(unet, x_t, t, cond, None)
@@ -239,3 +254,36 @@ def test_more_ddim_steps_than_training_timesteps_is_one_line(sd):
     message = "ddim_steps must be <= the model's 1000 training timesteps, got 1001"
     with pytest.raises(EraseError, match=message):
         erase(sd, "cat", "", method="esd-x", ddim_steps=1001, progress=False)
+
+
+def test_the_report_shows_the_training(tmp_path, capsys):
+    """report.png and `jax-erasepro report` show a fine-tuning run: its loss and the trained weights."""
+    from jax_erasepro.cli import main
+    from jax_erasepro.erase.report import EraseReport
+
+    report = EraseReport(
+        method="esd-x",
+        targets=["cat"],
+        anchors=[""],
+        preserve=[],
+        prompts=["{}"],
+        options={},
+        columns={},
+        pairs=[],
+        layers=[],
+        timings={},
+        edited=["unet.a.weight"],
+        training={
+            "steps_run": 20,
+            "loss": [1.0 / (i + 1) for i in range(20)],
+            "relative_change": {"unet.a.weight": 0.1, "unet.b.weight": 0.0},
+        },
+    )
+    report.plot(tmp_path / "report.png")
+    assert (tmp_path / "report.png").stat().st_size > 1000
+    report.to_json(tmp_path / "report.json")
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    last = (1 / 19 + 1 / 20) / 2
+    assert f"trained 20 steps; mean loss of the first 2: 0.75, of the last 2: {last:.4g}" in out
+    assert "unet.a.weight" in out
