@@ -230,7 +230,9 @@ def test_help_shows_method_choices_defaults_and_the_config_layout(capsys):
         cli.main(["erase", "--help"])
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "--method {erasepro,erasepro-implicit,uce}" in out
+    from jax_erasepro.erase import REGISTRY
+
+    assert "--method {" + ",".join(REGISTRY) + "}" in " ".join(out.split())
     for default in ("(default: diffusers)", "(default: 50)", "(default: 7.5)", "(default: 4)"):
         assert default in out
     assert "options: {form: protected, ridge: 1e-2}" in out and "examples/erase_config.yaml" in out
