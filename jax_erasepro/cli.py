@@ -314,6 +314,11 @@ def erase_request(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("no target concept: give --target or a --config with pairs")
     targets, anchors = _flag_pairs(args, method)
     targets, anchors = targets + cfg.get("targets", []), anchors + cfg.get("anchors", [])
+    for target, anchor in zip(targets, anchors, strict=True):
+        if not target.strip():
+            raise UsageError("an empty target concept: every --target must name something")
+        if target.strip().lower() == anchor.strip().lower():  # CLIP's tokenizer lowercases
+            raise UsageError(f"target {target!r} equals its anchor {anchor!r}: nothing to erase")
     return {
         "targets": targets,
         "anchors": anchors,

@@ -140,6 +140,8 @@ def _umask() -> int:
         (["--target", "a", "--target", "b", "--anchor", "x", "--anchor", "y", "--anchor", "z"],
          "2 targets but 3 anchors: give one --anchor for all, one per target, or --anchor '' to erase"),
         (["--target", "stripes"], "1 target but 0 anchors: give one --anchor for all"),
+        (["--target", "Cat", "--anchor", "cat"], "target 'Cat' equals its anchor 'cat': nothing to erase"),
+        (["--target", " ", "--anchor", "cat"], "an empty target concept"),
         (["--target", "a", "--anchor", "b", "--model", "{tmp}/nothing"], "--model {tmp}/nothing: no such"),
         (["--target", "a", "--anchor", "b", "--model", "{tmp}/notes.txt"], "expected a model folder or a"),
         (["--target", "a", "--anchor", "b", "--judge", "{tmp}/missing"], "--judge {tmp}/missing: no such"),
