@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jax_erasepro.erase.columns import CONCEPT, KINDS, PADDING, Columns, EraseError, build_columns
-from jax_erasepro.erase.layers import qkv_keys, replace_buckets, replace_qkv, unet_cross_attention
+from jax_erasepro.erase.layers import Bucket, qkv_keys, replace_buckets, replace_qkv, unet_cross_attention
 from jax_erasepro.erase.methods import Request, check_choices, option
 from jax_erasepro.erase.report import EraseReport
 from jax_erasepro.erase.retain import default_retain
@@ -441,9 +441,10 @@ def erase_erasepro(
     """
     t0 = time.perf_counter()
     plan = _plan(sd, request, options)
+    buckets = unet_cross_attention(sd)
     t_prep = time.perf_counter()
-    qkv, new_unet, text_metrics, unet_metrics, times = _sweep(sd, plan, options)
-    erased, edited, entries = _put_in(sd, plan, options, qkv, new_unet, text_metrics, unet_metrics)
+    qkv, new_unet, text_metrics, unet_metrics, times = _sweep(sd, plan, options, buckets)
+    erased, edited, entries = _put_in(sd, plan, options, buckets, qkv, new_unet, text_metrics, unet_metrics)
     timings = {"prepare": t_prep - t0, **times, "total": time.perf_counter() - t0}
     return erased, _report(sd, request, options, plan, method, entries, edited, timings)
 
@@ -522,11 +523,11 @@ def _plan(sd: StableDiffusion, request: Request, options: EraseProOptions) -> _P
     )
 
 
-def _sweep(sd: StableDiffusion, plan: _Plan, options: EraseProOptions) -> tuple:
+def _sweep(sd: StableDiffusion, plan: _Plan, options: EraseProOptions, buckets: list[Bucket]) -> tuple:
     """Compile (or reuse) and run the anchor pass and the progressive sweep: new kernels, metrics, seconds."""
     t0 = time.perf_counter()
     graphdef, params = nnx.split(sd.text_encoder)
-    unet_weights = tuple(b.stack() for b in unet_cross_attention(sd))
+    unet_weights = tuple(b.stack() for b in buckets)
     anchor_fn = _compiled(_anchor_states, params, plan.y_ids, graphdef=graphdef)
     statics = dict(
         start=plan.start_layer - 1,
@@ -563,7 +564,9 @@ def _sweep(sd: StableDiffusion, plan: _Plan, options: EraseProOptions) -> tuple:
     return qkv, new_unet, text_metrics, unet_metrics, times
 
 
-def _put_in(sd, plan: _Plan, options: EraseProOptions, qkv, new_unet, text_metrics, unet_metrics) -> tuple:
+def _put_in(
+    sd, plan: _Plan, options, buckets: list[Bucket], qkv, new_unet, text_metrics, unet_metrics
+) -> tuple:
     """The edited model, the keys it changed and one report entry per edited weight."""
     erased, edited, entries = sd, [], []
     start = plan.start_layer - 1
@@ -572,7 +575,6 @@ def _put_in(sd, plan: _Plan, options: EraseProOptions, qkv, new_unet, text_metri
         edited += keys
         entries += _text_entries(qkv_keys(sd, start), text_metrics, start)
     if options.layers in ("all", "unet"):
-        buckets = unet_cross_attention(sd)
         erased, keys = replace_buckets(erased, buckets, new_unet)
         edited += keys
         for b, metrics in zip(buckets, unet_metrics, strict=True):
