@@ -107,14 +107,15 @@ def read(
 ) -> dict[str, Any]:
     """The tensors of ``keys`` in ``layout``: numpy arrays, or the device arrays with ``host=False``."""
     keys = list(keys)
+    torch_layout = _check_layout(layout) == "torch"
     table = entries(sd, {k.split(".", 1)[0] for k in keys} & set(COMPONENTS))
-    flats: dict[str, dict] = {}
+    flats = {comp: _flat(getattr(sd, comp)) for comp in {_entry(table, k).component for k in keys}}
     out = {}
     for key in keys:
-        e = _entry(table, key)
-        flat = flats.setdefault(e.component, _flat(getattr(sd, e.component)))
+        e = table[key]
+        flat = flats[e.component]
         arr = flat[e.path][...] if e.layer is None else flat[e.path][...][e.layer]
-        if _check_layout(layout) == "torch":
+        if torch_layout:
             arr = to_hf_layout(e.leaf, np.asarray(arr))
         out[key] = np.asarray(arr) if host else arr
     return out
