@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from jax_erasepro import schedulers, surgery
+from jax_erasepro.erase import finetune
 from jax_erasepro.erase.columns import EraseError, prompt_tokens
 from jax_erasepro.erase.methods import Request, check_choices, option
 from jax_erasepro.erase.report import EraseReport
@@ -58,7 +57,7 @@ TRAIN_SETS: dict[str, tuple[str, Callable[[str], bool]]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ESDOptions:
+class ESDOptions(finetune.LoopOptions):
     """Options of ESD; None takes the preset's value (``PRESETS``)."""
 
     preset: str = option(
@@ -99,11 +98,10 @@ class ESDOptions:
     resolution: int | None = option(
         None, "image side in pixels of x_t (None: the U-Net's sample_size x the VAE's factor)"
     )
-    seed: int = option(0, "seed of every draw (t_enc, noise); one seed gives identical weights")
-    progress: bool = option(True, "show a progress bar with the loss")
 
     def __post_init__(self) -> None:
         check_choices(self)
+        self.check_loop()
         if self.steps is not None and self.steps < 1:
             raise EraseError(f"steps must be >= 1, got {self.steps}")
         if self.lr is not None and not self.lr > 0:
@@ -219,9 +217,7 @@ def draws(key: jax.Array, step: jax.Array, n_steps: int, shape: tuple[int, ...])
     return t_enc, jax.random.normal(k_noise, shape, jnp.float32), k_sample
 
 
-_ADAM = (
-    optax.scale_by_adam()
-)  # torch.optim.Adam's defaults (b1 0.9, b2 0.999, eps 1e-8); lr applied in the step
+_ADAM = finetune.optimizer()  # torch.optim.Adam's defaults; lr applied in the step
 
 
 @functools.partial(jax.jit, static_argnames=("unet_def", "shape", "base", "sample_trained"))
@@ -260,8 +256,7 @@ def esd_step(
     t = schedule.timesteps[t_enc]
     target = frozen_target(unet_def, original, rest, x_t, t, context, empty, eta, base)
     loss, grads = jax.value_and_grad(esd_loss, argnums=1)(unet_def, trainable, rest, x_t, t, context, target)
-    updates, opt_state = _ADAM.update(grads, opt_state)
-    trainable = jax.tree.map(lambda p, u: p - lr * u, trainable, updates)
+    trainable, opt_state = finetune.apply(_ADAM, trainable, grads, opt_state, lr)
     return trainable, opt_state, loss, t_enc
 
 
@@ -295,108 +290,56 @@ def erase_esd(
     shape = (opts["batch_size"], side // f, side // f, sd.config.unet.in_channels)
 
     predicate = trainable_predicate(sd, train, opts["norms"])
-    keys = surgery.select(sd, predicate)
-    unet_def, trainable, rest = nnx.split(sd.unet, surgery.param_filter(sd, predicate, "unet"), ...)
-    original = trainable
+    split = finetune.split_trainable(sd, "unet", predicate)
+    unet_def, original, rest = split.graphdef, split.trainable, split.rest
     text = jnp.asarray(np.concatenate([ids, np.asarray(empty_ids, np.int32)]))
     states = encode_tokens(sd.text_encoder, text)
     contexts, uncond = states[:-1], states[-1:]
-    opt_state = _ADAM.init(trainable)
     key = jax.random.key(opts["seed"])
-    scalars = [jnp.float32(opts[k]) for k in ("lr", "negative_guidance", "start_guidance")]
+    lr, eta, start_guidance = (jnp.float32(opts[k]) for k in ("lr", "negative_guidance", "start_guidance"))
     trained = opts["sample_with"] == "trained"
     static = dict(unet_def=unet_def, shape=shape, base=opts["base"], sample_trained=trained)
-    t_prep = time.perf_counter()
-    # one jitted step, compiled at the first call and cached for later calls with the same shapes
-    losses, t_encs, stopped, t_first = [], [], None, None
-    bar = tqdm(range(opts["steps"]), desc=train, unit="step", disable=not opts["progress"], leave=False)
-    for i in bar:
-        new, new_opt, loss, t_enc = esd_step(
-            trainable,
-            opt_state,
-            original,
-            rest,
-            schedule,
-            contexts,
-            uncond,
-            jnp.int32(i),
-            key,
-            *scalars,
-            **static,
-        )
-        loss, t_enc = float(loss), int(t_enc)
-        t_first = t_first or time.perf_counter()
-        if not np.isfinite(loss):
-            stopped = f"the loss was {loss} at step {i}: stopped there, the model keeps the weights before it"
-            break
-        trainable, opt_state = new, new_opt
-        losses.append(loss)
-        t_encs.append(t_enc)
-        bar.set_postfix(loss=f"{loss:.4g}", t_enc=t_enc)
-    bar.close()
-    jax.block_until_ready(trainable)
-    t_train = time.perf_counter()
 
-    unet = nnx.merge(unet_def, trainable, rest)
-    erased = sd.replace(unet=unet)
-    change = _relative_change(original, trainable)
-    names = {e.path: k for k, e in surgery.entries(sd, ["unet"]).items() if k in set(keys)}
-    relative = {names[p]: v for p, v in change.items()}
-    edited = sorted(k for k, v in relative.items() if v > 0)
+    def step(trainable, opt_state, i):
+        args = (original, rest, schedule, contexts, uncond, jnp.int32(i), key, lr, eta, start_guidance)
+        trainable, opt_state, loss, t_enc = esd_step(trainable, opt_state, *args, **static)
+        return trainable, opt_state, loss, {"t_enc": t_enc}
+
+    checkpoints = finetune.checkpoints_for(opts, train, request, texts)
+    t_prep = time.perf_counter()
+    result = finetune.train(
+        step,
+        original,
+        _ADAM.init(original),
+        steps=opts["steps"],
+        name=train,
+        progress=opts["progress"],
+        checkpoints=checkpoints,
+    )
+    erased = sd.replace(unet=split.merge(result.trainable))
     notes = [
         "ESD erases towards the unconditional prediction: anchors are not used"
         + (f" (given: {sorted(set(request.anchors))})" if any(request.anchors) else ""),
-        f"trained {len(keys)} tensors ({TRAIN_SETS[train][0]}"
+        f"trained {len(split.keys)} tensors ({TRAIN_SETS[train][0]}"
         + ("" if opts["norms"] else ", Linear and Conv2d only, as the scripts")
         + ")",
     ]
     if request.preserve:
         notes.append(f"ESD has no preservation term: preserve {list(request.preserve)} is not used")
-    if stopped:
-        notes.append(stopped)
-        warnings.warn(f"ESD: {stopped}", RuntimeWarning, stacklevel=2)
-    n = len(losses)
-    report = EraseReport(
+    report = finetune.report(
+        sd,
         method=train,
-        targets=list(request.targets),
-        anchors=list(request.anchors),
-        preserve=list(request.preserve),
-        prompts=texts,
+        request=request,
+        texts=texts,
         options=opts,
-        columns={},
-        pairs=[],
-        layers=[],
-        timings={
-            "prepare": t_prep - t0,
-            "first_step": t_first - t_prep,  # the compile (when not cached) and one step
-            "train": t_train - t_prep,
-            "per_step": (t_train - t_first) / max(n - 1, 1),
-            "total": time.perf_counter() - t0,
-        },
-        edited=edited,
+        split=split,
+        original=original,
+        result=result,
         notes=notes,
-        training={
-            "steps_run": n,
-            "loss": losses,
-            "t_enc": t_encs,
-            "trainable": len(keys),
-            "trainable_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(original))),
-            "relative_change": relative,
-            "stopped": stopped,
-        },
+        t0=t0,
+        t_prep=t_prep,
     )
     return erased, report
-
-
-def _relative_change(before: nnx.State, after: nnx.State) -> dict[tuple[Any, ...], float]:
-    """||W - W_o|| / ||W_o|| per param path (0 where W_o is 0 and W did not move)."""
-    out = {}
-    flat_after = dict(nnx.to_flat_state(after))
-    for path, var in nnx.to_flat_state(before):
-        w0, w = np.asarray(var[...], np.float64), np.asarray(flat_after[path][...], np.float64)
-        diff, norm = float(np.linalg.norm(w - w0)), float(np.linalg.norm(w0))
-        out[tuple(path)] = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
-    return out
 
 
 def runner(

@@ -1,0 +1,353 @@
+"""The fine-tuning engine the training methods share: the trainable split, optimiser, loop and report.
+
+A method supplies one jitted step ``(trainable, opt_state, i) -> (trainable, opt_state, loss, aux)`` whose
+frozen inputs (the original weights, the rest of the network, schedules, prompt states) are arguments,
+not constants closed over. ``train`` runs it with a progress bar (loss, ETA), stops at a non-finite loss
+keeping the last good weights, and saves orbax checkpoints a later call with the same ``checkpoint_dir``
+resumes from: every draw of step i comes from ``fold_in(seed, i)``, so a resumed run ends on the same
+weights as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jax_erasepro import surgery
+from jax_erasepro.erase.methods import Request, option
+from jax_erasepro.erase.report import EraseReport
+from jax_erasepro.errors import EraseError
+from jax_erasepro.sd import StableDiffusion
+
+Step = Callable[[nnx.State, optax.OptState, int], tuple[nnx.State, optax.OptState, jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    """Options every fine-tuning method takes (a base for their options dataclasses)."""
+
+    seed: int = option(0, "seed of every draw; one seed gives identical weights")
+    progress: bool = option(True, "show a progress bar with the loss and the time left")
+    checkpoint_dir: str | None = option(
+        None,
+        "folder for orbax checkpoints of the training state; a later run with the same folder and request "
+        "resumes from the last one (None: no checkpoints)",
+    )
+    checkpoint_every: int = option(50, "steps between checkpoints (>= 1)")
+
+    def check_loop(self) -> None:
+        if self.checkpoint_every < 1:
+            raise EraseError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One component's params cut in two: ``trainable`` (the set a method fine-tunes) and ``rest``."""
+
+    component: str  # "unet" or "text_encoder"
+    graphdef: nnx.GraphDef
+    trainable: nnx.State
+    rest: nnx.State
+    keys: tuple[str, ...]  # ``<component>.<diffusers key>`` of each trainable tensor
+
+    def merge(self, trainable: nnx.State) -> nnx.Module:
+        return nnx.merge(self.graphdef, trainable, self.rest)
+
+
+def split_trainable(sd: StableDiffusion, component: str, predicate: Callable[[str], bool]) -> Split:
+    """The ``component`` of ``sd`` split by ``predicate`` over its ``<component>.<key>`` names; EraseError
+    when nothing matches."""
+    keys = tuple(k for k in surgery.select(sd, predicate) if k.startswith(f"{component}."))
+    if not keys:
+        raise EraseError(f"no parameter of the {component} matches the trainable set {predicate.__name__!r}")
+    only = lambda k: k.startswith(f"{component}.") and predicate(k)  # noqa: E731
+    graphdef, trainable, rest = nnx.split(
+        getattr(sd, component), surgery.param_filter(sd, only, component), ...
+    )
+    return Split(component, graphdef, trainable, rest, keys)
+
+
+def optimizer(weight_decay: float = 0.0, max_grad_norm: float | None = None) -> optax.GradientTransformation:
+    """torch's Adam (weight_decay 0) or AdamW (decoupled decay) with its defaults (b1 0.9, b2 0.999, eps
+    1e-8), optionally after a global-norm clip; the learning rate is left to ``apply``, so it is a traced
+    argument of the step and changing it does not recompile."""
+    parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
+    return optax.chain(*parts, optax.scale_by_adam())
+
+
+def apply(
+    tx: optax.GradientTransformation,
+    trainable: nnx.State,
+    grads: nnx.State,
+    opt_state: optax.OptState,
+    lr: jax.Array,
+    weight_decay: float = 0.0,
+) -> tuple[nnx.State, optax.OptState]:
+    """One update: p <- p - lr (adam(g) + weight_decay p), torch's AdamW order (decay on the old p)."""
+    updates, opt_state = tx.update(grads, opt_state)
+    new = jax.tree.map(lambda p, u: p - lr * (u + weight_decay * p), trainable, updates)
+    return new, opt_state
+
+
+@dataclasses.dataclass
+class Result:
+    """What ``train`` ran: the final trainable params, losses and per-step extras, why it stopped."""
+
+    trainable: nnx.State
+    losses: list[float]
+    aux: dict[str, list[float]]
+    stopped: str | None
+    resumed_from: int
+    timings: dict[str, float]
+
+
+class Checkpoints:
+    """Orbax checkpoints of (trainable, opt_state, losses) under ``folder/step_<i>``, with the run's
+    fingerprint beside them so a different request never resumes from them."""
+
+    def __init__(self, folder: str | Path, every: int, fingerprint: Mapping[str, Any]):
+        self.folder, self.every = Path(folder).expanduser().absolute(), every
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        self.digest = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _marker(self) -> Path:
+        return self.folder / "run.json"
+
+    def latest(self) -> int | None:
+        """The last complete step saved for this run (None: none); EraseError for another run's folder."""
+        if not self.folder.exists():
+            return None
+        marker = self._marker()
+        if not marker.exists():
+            if any(self.folder.iterdir()):
+                raise EraseError(f"checkpoint_dir {self.folder} is not empty and holds no run.json of ours")
+            return None
+        try:
+            saved = json.loads(marker.read_text())
+        except (OSError, ValueError) as e:
+            raise EraseError(f"checkpoint_dir {self.folder}: unreadable run.json ({e})") from None
+        if saved.get("digest") != self.digest:
+            raise EraseError(
+                f"checkpoint_dir {self.folder} holds checkpoints of another run (method, request or options "
+                "differ); give a new folder"
+            )
+        steps = [int(p.name[5:]) for p in self.folder.glob("step_*") if (p / "done").exists()]
+        return max(steps, default=None)
+
+    def save(self, step: int, trainable: nnx.State, opt_state: optax.OptState, losses: list[float]) -> None:
+        """Write ``step_<step>`` (steps completed), then drop older ones."""
+        import orbax.checkpoint as ocp
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self._marker().exists():
+            self._marker().write_text(json.dumps({"digest": self.digest, "run": self.fingerprint}, indent=1))
+        path = self.folder / f"step_{step}"
+        if path.exists():
+            shutil.rmtree(path)
+        leaves = jax.tree.leaves((trainable, opt_state))
+        tree = {"leaves": {str(i): np.asarray(x) for i, x in enumerate(leaves)}, "losses": np.asarray(losses)}
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(path / "state", tree)
+            ckpt.wait_until_finished()
+        (path / "done").write_text(str(step))
+        for old in self.folder.glob("step_*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def restore(
+        self, step: int, trainable: nnx.State, opt_state: optax.OptState
+    ) -> tuple[nnx.State, optax.OptState, list[float]]:
+        import orbax.checkpoint as ocp
+
+        like = (trainable, opt_state)
+        leaves, treedef = jax.tree.flatten(like)
+        with ocp.StandardCheckpointer() as ckpt:
+            tree = ckpt.restore(self.folder / f"step_{step}" / "state")
+        saved = [tree["leaves"][str(i)] for i in range(len(leaves))]
+        if len(tree["leaves"]) != len(leaves) or any(
+            np.shape(a) != np.shape(b) for a, b in zip(saved, leaves, strict=True)
+        ):
+            raise EraseError(f"checkpoint {self.folder}/step_{step} does not fit this model's trainable set")
+        restored = [jnp.asarray(a, b.dtype) for a, b in zip(saved, leaves, strict=True)]
+        trainable, opt_state = jax.tree.unflatten(treedef, restored)
+        return trainable, opt_state, [float(x) for x in np.asarray(tree["losses"]).reshape(-1)]
+
+
+def checkpoints_for(
+    options: Mapping[str, Any], method: str, request: Request, texts: list[str]
+) -> Checkpoints | None:
+    """The run's ``Checkpoints`` when ``options`` name a ``checkpoint_dir`` (None otherwise); the
+    fingerprint is the method, the request and every option that changes the weights."""
+    if options.get("checkpoint_dir") is None:
+        return None
+    skip = {"progress", "checkpoint_dir", "checkpoint_every", "steps"}
+    fingerprint = {
+        "method": method,
+        "request": dataclasses.asdict(request),
+        "prompts": texts,
+        "options": {k: v for k, v in options.items() if k not in skip},
+    }
+    return Checkpoints(options["checkpoint_dir"], options["checkpoint_every"], fingerprint)
+
+
+def train(
+    step: Step,
+    trainable: nnx.State,
+    opt_state: optax.OptState,
+    *,
+    steps: int,
+    name: str,
+    progress: bool = True,
+    checkpoints: Checkpoints | None = None,
+) -> Result:
+    """Run ``step`` for ``steps`` optimisation steps from ``trainable``; see the module docstring."""
+    t0 = time.perf_counter()
+    start, losses = 0, []
+    if checkpoints is not None and (done := checkpoints.latest()) is not None:
+        trainable, opt_state, losses = checkpoints.restore(done, trainable, opt_state)
+        start = min(done, steps)
+        losses = losses[:start]
+    aux: dict[str, list[float]] = {}
+    stopped, t_first = None, None
+    bar = tqdm(
+        range(start, steps),
+        desc=name,
+        unit="step",
+        disable=not progress,
+        leave=False,
+        initial=start,
+        total=steps,
+    )
+    for i in bar:
+        new, new_opt, loss, extra = step(trainable, opt_state, i)
+        loss = float(loss)
+        t_first = t_first or time.perf_counter()
+        if not np.isfinite(loss):
+            stopped = f"the loss was {loss} at step {i}: stopped there, the model keeps the weights before it"
+            break
+        trainable, opt_state = new, new_opt
+        losses.append(loss)
+        for k, v in extra.items():
+            aux.setdefault(k, []).append(float(v))
+        bar.set_postfix(loss=f"{loss:.4g}", **{k: f"{float(v):.3g}" for k, v in extra.items()})
+        if checkpoints is not None and ((i + 1) % checkpoints.every == 0 or i + 1 == steps):
+            checkpoints.save(i + 1, trainable, opt_state, losses)
+    bar.close()
+    jax.block_until_ready(trainable)
+    t_end = time.perf_counter()
+    if stopped:
+        warnings.warn(f"{name}: {stopped}", RuntimeWarning, stacklevel=3)
+    n = len(losses) - start
+    t_first = t_first or t_end
+    return Result(
+        trainable,
+        losses,
+        aux,
+        stopped,
+        start,
+        {
+            "first_step": t_first - t0,  # the compile (when not cached) and one step
+            "train": t_end - t0,
+            "per_step": (t_end - t_first) / max(n - 1, 1),
+        },
+    )
+
+
+def relative_change(
+    sd: StableDiffusion, split: Split, before: nnx.State, after: nnx.State
+) -> dict[str, float]:
+    """||W - W_o|| / ||W_o|| per trainable key, a stacked layer's slice on its own (0 where W_o is 0 and W
+    did not move)."""
+    table = surgery.entries(sd, [split.component])
+    flat_before, flat_after = dict(nnx.to_flat_state(before)), dict(nnx.to_flat_state(after))
+    out = {}
+    for key in split.keys:
+        e = table[key]
+        w0 = np.asarray(flat_before[e.path][...], np.float64)
+        w = np.asarray(flat_after[e.path][...], np.float64)
+        if e.layer is not None:
+            w0, w = w0[e.layer], w[e.layer]
+        diff, norm = float(np.linalg.norm(w - w0)), float(np.linalg.norm(w0))
+        out[key] = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+    return out
+
+
+def report(
+    sd: StableDiffusion,
+    *,
+    method: str,
+    request: Request,
+    texts: list[str],
+    options: Mapping[str, Any],
+    split: Split,
+    original: nnx.State,
+    result: Result,
+    notes: list[str],
+    t0: float,
+    t_prep: float,
+    extra: Mapping[str, Any] | None = None,
+) -> EraseReport:
+    """The EraseReport of a fine-tuning run: loss curve, per-key relative change, timings, notes."""
+    relative = relative_change(sd, split, original, result.trainable)
+    notes = list(notes)
+    if result.resumed_from:
+        notes.append(f"resumed from the checkpoint at step {result.resumed_from}")
+    if result.stopped:
+        notes.append(result.stopped)
+    return EraseReport(
+        method=method,
+        targets=list(request.targets),
+        anchors=list(request.anchors),
+        preserve=list(request.preserve),
+        prompts=texts,
+        options=dict(options),
+        columns={},
+        pairs=[],
+        layers=[],
+        timings={
+            "prepare": t_prep - t0,
+            **result.timings,
+            "total": time.perf_counter() - t0,
+        },
+        edited=sorted(k for k, v in relative.items() if v > 0),
+        notes=notes,
+        training={
+            "steps_run": len(result.losses),
+            "loss": result.losses,
+            **result.aux,
+            "trainable": len(split.keys),
+            "trainable_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(original))),
+            "relative_change": relative,
+            "stopped": result.stopped,
+            **(extra or {}),
+        },
+    )
+
+
+__all__ = [
+    "Checkpoints",
+    "LoopOptions",
+    "Result",
+    "Split",
+    "apply",
+    "checkpoints_for",
+    "optimizer",
+    "relative_change",
+    "report",
+    "split_trainable",
+    "train",
+]
