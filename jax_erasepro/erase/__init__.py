@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from jax_erasepro.erase.ac import ACOptions, erase_ac
 from jax_erasepro.erase.blas import single_threaded_blas
 from jax_erasepro.erase.columns import EraseError
 from jax_erasepro.erase.erasepro import (
@@ -66,6 +67,16 @@ for _name, (_what, _) in TRAIN_SETS.items():
             runner(_name),
         )
     )
+register(
+    Method(
+        "ac",
+        "Ablating Concepts (model-based): fine-tunes the U-Net's cross-attention to_k/to_v so the target "
+        "prompt's noise prediction on anchor images is the anchor prompt's",
+        "Kumari et al., Ablating Concepts in Text-to-Image Diffusion Models, ICCV 2023 (arXiv 2303.13516)",
+        ACOptions,
+        erase_ac,
+    )
+)
 METHODS = REGISTRY  # name -> Method
 
 
@@ -127,6 +138,7 @@ def erase(
 
 
 __all__ = [
+    "ACOptions",
     "DEFAULT_PROMPTS",
     "METHODS",
     "REGISTRY",

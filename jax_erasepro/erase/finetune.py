@@ -11,6 +11,7 @@ weights as one that was never stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -81,10 +82,12 @@ def split_trainable(sd: StableDiffusion, component: str, predicate: Callable[[st
     return Split(component, graphdef, trainable, rest, keys)
 
 
-def optimizer(weight_decay: float = 0.0, max_grad_norm: float | None = None) -> optax.GradientTransformation:
-    """torch's Adam (weight_decay 0) or AdamW (decoupled decay) with its defaults (b1 0.9, b2 0.999, eps
-    1e-8), optionally after a global-norm clip; the learning rate is left to ``apply``, so it is a traced
-    argument of the step and changing it does not recompile."""
+@functools.cache
+def optimizer(max_grad_norm: float | None = None) -> optax.GradientTransformation:
+    """torch's Adam with its defaults (b1 0.9, b2 0.999, eps 1e-8; AdamW's decoupled decay is ``apply``'s),
+    optionally after a global-norm clip; the learning rate is left to ``apply``, so it is a traced
+    argument of the step and changing it does not recompile. Cached: one object per setting, so a jitted
+    step that takes it as a static argument compiles once."""
     parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
     return optax.chain(*parts, optax.scale_by_adam())
 
