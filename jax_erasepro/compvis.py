@@ -1,8 +1,10 @@
-"""The one two-way table between single-file CompVis (ldm) SD v1.x checkpoints and diffusers keys.
+"""The one two-way table between single-file CompVis (ldm) SD v1.x/v2.x checkpoints and diffusers keys.
 
 Generated from the three diffusers configs, so tiny test configs and SD v1.4 use the same code. Each
-row is (CompVis key, component-prefixed diffusers key, layout rule); the rules are ``identity`` and
-``conv1x1_linear`` (ldm's VAE mid attention is 1x1 convs, diffusers' Linear: a reshape, exact).
+row is (CompVis key, component-prefixed diffusers key, layout rule); the rules are ``identity``,
+``conv1x1_linear`` (ldm's VAE mid attention is 1x1 convs, diffusers' Linear: a reshape, exact) and
+``fused_qkv.{0,1,2}`` (SD v2.x's OpenCLIP text encoder keeps q, k, v as one ``in_proj`` tensor: three rows
+share its CompVis key, each one a third of it along dim 0, exact).
 Both directions are strict: an unknown, missing, duplicate or mis-shaped tensor raises naming the key.
 """
 
@@ -19,11 +21,16 @@ from jax_erasepro.weights import WeightsError
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 IDENTITY, CONV1X1_LINEAR = "identity", "conv1x1_linear"
+FUSED_QKV = ("fused_qkv.0", "fused_qkv.1", "fused_qkv.2")  # q, k, v: thirds of OpenCLIP's in_proj
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 _TEXT_BARE_PREFIX = "cond_stage_model.transformer."  # older files: no ``text_model.`` level
 HF_TEXT_PREFIX = "text_model."  # transformers < 5 writes it; ours and transformers 5 do not
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD v2.x: OpenCLIP ViT-H/14's text tower (ldm's layout)
+CLIP_LAYOUT, OPEN_CLIP_LAYOUT = "clip", "open_clip"
+# OpenCLIP entries the SD text encoder has no use for: the CLIP-space projection and the logit scale.
+OPEN_CLIP_UNUSED = frozenset({f"{OPEN_CLIP_PREFIX}text_projection", f"{OPEN_CLIP_PREFIX}logit_scale"})
 
 # Non-weight entries of real single-file checkpoints: ldm's diffusion schedule buffers, the EMA copy
 # (pruned files already hold EMA weights in ``model.*``), CLIP's position_ids buffer.
@@ -281,6 +288,13 @@ def _vae_rows(cfg: Mapping[str, Any]) -> Iterator[Row]:
     yield from _conv(f"{p}decoder.conv_out", "decoder.conv_out", cfg.get("out_channels", 3), chans[0], 3)
 
 
+def text_layout(text_cfg: Mapping[str, Any]) -> str:
+    """The single-file layout a text encoder is written in: OpenCLIP's (SD v2.x) for a ``gelu`` one, CLIP's
+    (SD v1.x, ``quick_gelu``) otherwise; so a reader without configs (ours, ldm's yaml) gets the activation
+    right from the keys alone."""
+    return OPEN_CLIP_LAYOUT if text_cfg.get("hidden_act", "quick_gelu") == "gelu" else CLIP_LAYOUT
+
+
 def _text_rows(cfg: Mapping[str, Any]) -> Iterator[Row]:
     """CLIP text model: the CompVis key is the transformers key under ``cond_stage_model.transformer.``."""
     h, f, p = cfg["hidden_size"], cfg["intermediate_size"], TEXT_PREFIX
@@ -301,13 +315,44 @@ def _text_rows(cfg: Mapping[str, Any]) -> Iterator[Row]:
     yield from _norm(f"{p}final_layer_norm", "final_layer_norm", h)
 
 
-def _rows(unet_cfg: Mapping[str, Any], vae_cfg: Mapping[str, Any], text_cfg: Mapping[str, Any]) -> list[Row]:
+def _open_clip_rows(cfg: Mapping[str, Any]) -> Iterator[Row]:
+    """OpenCLIP's text tower (ldm's FrozenOpenCLIPEmbedder) <-> transformers' CLIPTextModel, as diffusers'
+    ``convert_open_clip_checkpoint``: ``resblocks.N`` is ``encoder.layers.N``, its fused ``in_proj`` q/k/v."""
+    h, f, p = cfg["hidden_size"], cfg["intermediate_size"], OPEN_CLIP_PREFIX
+    yield f"{p}token_embedding.weight", "embeddings.token_embedding.weight", IDENTITY, (cfg["vocab_size"], h)
+    yield (
+        f"{p}positional_embedding",
+        "embeddings.position_embedding.weight",
+        IDENTITY,
+        (
+            cfg["max_position_embeddings"],
+            h,
+        ),
+    )
+    for i in range(cfg["num_hidden_layers"]):
+        block, layer = f"{p}transformer.resblocks.{i}", f"encoder.layers.{i}"
+        for rule, proj in zip(FUSED_QKV, ("q_proj", "k_proj", "v_proj"), strict=True):
+            yield f"{block}.attn.in_proj_weight", f"{layer}.self_attn.{proj}.weight", rule, (h, h)
+            yield f"{block}.attn.in_proj_bias", f"{layer}.self_attn.{proj}.bias", rule, (h,)
+        yield from _param(f"{block}.attn.out_proj", f"{layer}.self_attn.out_proj", (h, h), (h,))
+        yield from _norm(f"{block}.ln_1", f"{layer}.layer_norm1", h)
+        yield from _param(f"{block}.mlp.c_fc", f"{layer}.mlp.fc1", (f, h), (f,))
+        yield from _param(f"{block}.mlp.c_proj", f"{layer}.mlp.fc2", (h, f), (h,))
+        yield from _norm(f"{block}.ln_2", f"{layer}.layer_norm2", h)
+    yield from _norm(f"{p}ln_final", "final_layer_norm", h)
+
+
+def _rows(
+    unet_cfg: Mapping[str, Any],
+    vae_cfg: Mapping[str, Any],
+    text_cfg: Mapping[str, Any],
+    layout: str | None = None,
+) -> list[Row]:
+    """The whole table; the text encoder's rows in ``layout`` (default: ``text_layout(text_cfg)``)."""
+    layout = layout or text_layout(text_cfg)
+    text = _open_clip_rows(text_cfg) if layout == OPEN_CLIP_LAYOUT else _text_rows(text_cfg)
     rows = []
-    for comp, gen in (
-        ("unet", _unet_rows(unet_cfg)),
-        ("vae", _vae_rows(vae_cfg)),
-        ("text_encoder", _text_rows(text_cfg)),
-    ):
+    for comp, gen in (("unet", _unet_rows(unet_cfg)), ("vae", _vae_rows(vae_cfg)), ("text_encoder", text)):
         rows += [(cv, f"{comp}.{df}", rule, shape) for cv, df, rule, shape in gen]
     return rows
 
@@ -315,7 +360,8 @@ def _rows(unet_cfg: Mapping[str, Any], vae_cfg: Mapping[str, Any], text_cfg: Map
 def compvis_key_map(
     unet_cfg: Mapping[str, Any], vae_cfg: Mapping[str, Any], text_cfg: Mapping[str, Any]
 ) -> list[tuple[str, str, str]]:
-    """The table: (CompVis key, ``unet.``/``vae.``/``text_encoder.``-prefixed diffusers key, layout rule)."""
+    """The table: (CompVis key, ``unet.``/``vae.``/``text_encoder.``-prefixed diffusers key, layout rule).
+    One-to-one but for OpenCLIP's fused q/k/v: three rows (rules ``FUSED_QKV``) share one CompVis key."""
     return [(cv, df, rule) for cv, df, rule, _ in _rows(unet_cfg, vae_cfg, text_cfg)]
 
 
@@ -328,28 +374,63 @@ def diffusers_shapes(
 
 def compvis_shape(rule: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The CompVis shape of a tensor whose diffusers shape is ``shape``."""
-    return (*shape, 1, 1) if rule == CONV1X1_LINEAR else shape
+    if rule == CONV1X1_LINEAR:
+        return (*shape, 1, 1)
+    if rule in FUSED_QKV:
+        return (3 * shape[0], *shape[1:])
+    return shape
+
+
+def compvis_entries(
+    unet_cfg: Mapping[str, Any], vae_cfg: Mapping[str, Any], text_cfg: Mapping[str, Any]
+) -> list[tuple[str, tuple[str, ...], str, tuple[int, ...]]]:
+    """What a writer needs, one entry per CompVis tensor: (CompVis key, its diffusers keys in order (q, k, v
+    for a fused one), the first key's rule, CompVis shape). Feed the arrays to ``to_compvis_tensor``."""
+    groups: dict[str, tuple[list[str], str, tuple[int, ...]]] = {}
+    for cv, df, rule, shape in _rows(unet_cfg, vae_cfg, text_cfg):
+        groups.setdefault(cv, ([], rule, compvis_shape(rule, shape)))[0].append(df)
+    return [(cv, tuple(dfs), rule, shape) for cv, (dfs, rule, shape) in groups.items()]
+
+
+def to_compvis_tensor(rule: str, parts: list[np.ndarray]) -> np.ndarray:
+    """One CompVis tensor from its diffusers arrays (``compvis_entries`` order): q, k, v concatenated for
+    OpenCLIP's ``in_proj``, else the one array in CompVis layout."""
+    if rule in FUSED_QKV:
+        return np.concatenate([np.asarray(a) for a in parts], axis=0)
+    (arr,) = parts
+    return to_compvis_layout(rule, np.asarray(arr))
 
 
 def _to_diffusers(rule: str, arr: np.ndarray) -> np.ndarray:
+    if rule in FUSED_QKV:
+        n = arr.shape[0] // 3
+        i = FUSED_QKV.index(rule)
+        return arr[i * n : (i + 1) * n]
     return arr.reshape(arr.shape[:2]) if rule == CONV1X1_LINEAR else arr
 
 
 def to_compvis_layout(rule: str, arr: np.ndarray) -> np.ndarray:
-    """A diffusers-layout tensor in CompVis layout (``rule`` from ``compvis_key_map``)."""
+    """A diffusers-layout tensor in CompVis layout (``rule`` from ``compvis_key_map``; not a fused part)."""
     return arr.reshape(*arr.shape, 1, 1) if rule == CONV1X1_LINEAR else arr
 
 
-def _table(configs: Mapping[str, Mapping[str, Any]]) -> list[Row]:
+def _table(configs: Mapping[str, Mapping[str, Any]], layout: str | None = None) -> list[Row]:
     missing = [c for c in COMPONENTS if c not in configs]
     if missing:
         raise ConfigError(f"configs: missing the {missing[0]!r} config (need {', '.join(COMPONENTS)})")
-    return _rows(configs["unet"], configs["vae"], configs["text_encoder"])
+    return _rows(configs["unet"], configs["vae"], configs["text_encoder"], layout)
 
 
 def is_ignored(key: str) -> bool:
     """Whether a single-file checkpoint key is a known non-weight entry (schedule buffers, EMA, ids)."""
     return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
+
+
+def _unused_open_clip(key: str, layers: int) -> bool:
+    """OpenCLIP entries SD's text encoder does not use: the projection, the logit scale, and the tower's last
+    block (``resblocks.{layers}``): SD v2.x conditions on the penultimate layer, so its 24-block file feeds a
+    23-layer text encoder and diffusers ignores ``resblocks.23.*`` (``SD_2_TEXT_ENCODER_KEYS_TO_IGNORE``)."""
+    return key in OPEN_CLIP_UNUSED or key.startswith(f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layers}.")
 
 
 def _canonical_compvis(key: str) -> str:
@@ -366,19 +447,30 @@ def _raise_missing(missing: set[str], source: str) -> None:
         raise WeightsError(f"{source}: missing key {first!r}{more}")
 
 
+def file_text_layout(keys: Iterable[str]) -> str:
+    """The text encoder layout of a single file's keys: OpenCLIP's when any key is under its prefix."""
+    return OPEN_CLIP_LAYOUT if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys) else CLIP_LAYOUT
+
+
 def plan_compvis_to_diffusers(
     keys: Iterable[str], configs: Mapping[str, Mapping[str, Any]], *, source: str = "checkpoint"
 ) -> dict[str, dict[str, tuple[str, str, tuple[int, ...]]]]:
     """Check a single file's key set against the table, reading no tensor (so a loader can stream).
 
+    The text encoder may be in either layout (CLIP's or OpenCLIP's, from the keys) whatever its config.
     Returns component -> diffusers key -> (file key, layout rule, CompVis shape); raises WeightsError on
     an unexpected, duplicate or missing key. Feed each tensor through ``compvis_tensor_to_diffusers``.
     """
-    by_cv = {cv: (df, rule, shape) for cv, df, rule, shape in _table(configs)}
+    keys = list(keys)
+    layout = file_text_layout(keys)
+    layers = configs.get("text_encoder", {}).get("num_hidden_layers", 0)
+    by_cv: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {}
+    for cv, df, rule, shape in _table(configs, layout):
+        by_cv.setdefault(cv, []).append((df, rule, shape))
     out: dict[str, dict[str, tuple[str, str, tuple[int, ...]]]] = {c: {} for c in COMPONENTS}
     seen: dict[str, str] = {}
     for key in keys:
-        if is_ignored(key):
+        if is_ignored(key) or (layout == OPEN_CLIP_LAYOUT and _unused_open_clip(key, layers)):
             continue
         cv = _canonical_compvis(key)
         if cv not in by_cv:
@@ -386,9 +478,9 @@ def plan_compvis_to_diffusers(
         if cv in seen:
             raise WeightsError(f"{source}: key {key!r} duplicates {seen[cv]!r}")
         seen[cv] = key
-        df, rule, shape = by_cv[cv]
-        comp, name = df.split(".", 1)
-        out[comp][name] = (key, rule, compvis_shape(rule, shape))
+        for df, rule, shape in by_cv[cv]:
+            comp, name = df.split(".", 1)
+            out[comp][name] = (key, rule, compvis_shape(rule, shape))
     _raise_missing(set(by_cv) - set(seen), source)
     return out
 
@@ -397,12 +489,17 @@ def compvis_tensor_to_diffusers(
     arr: Any, entry: tuple[str, str, tuple[int, ...]], *, source: str = "checkpoint"
 ) -> Any:
     """One planned tensor (``plan_compvis_to_diffusers`` entry) in diffusers layout, its shape checked. A
-    tensor not read yet (anything with ``shape`` and ``read_into``) stays unread where the layout is equal."""
+    tensor not read yet (anything with ``shape`` and ``read_into``) stays unread where the layout is equal,
+    and so does a third of a fused q/k/v when it can give its rows unread (``row_slice``)."""
     key, rule, want = entry
     if tuple(arr.shape) != want:
         raise WeightsError(f"{source}: key {key!r} has shape {tuple(arr.shape)}, the config expects {want}")
     if rule == IDENTITY and hasattr(arr, "read_into"):
         return arr
+    if rule in FUSED_QKV and hasattr(arr, "row_slice"):
+        n = want[0] // 3
+        i = FUSED_QKV.index(rule)
+        return arr.row_slice(i * n, (i + 1) * n)
     return _to_diffusers(rule, np.asarray(arr))
 
 
@@ -412,7 +509,7 @@ SD1_CONTEXT, SD2_CONTEXT = 768, 1024  # CLIP ViT-L/14 (SD v1.x) and OpenCLIP ViT
 SD1_HEADS = 8  # ldm's v1-inference.yaml: num_heads 8 in every block
 SD2_HEAD_CHANNELS = 64  # v2-inference.yaml: num_head_channels 64, so heads = channels / 64
 CLIP_HEAD_CHANNELS = 64  # CLIP text towers: heads = width / 64
-OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SD2_OPEN_CLIP_BLOCKS = 24  # OpenCLIP ViT-H/14's text tower, all of which a standard SD v2.x file holds
 
 
 def _count(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
@@ -489,12 +586,7 @@ def _infer_vae(s: Mapping[str, tuple[int, ...]], source: str) -> dict[str, Any]:
     }
 
 
-def _infer_text(s: Mapping[str, tuple[int, ...]], source: str) -> dict[str, Any]:
-    if any(k.startswith(OPEN_CLIP_PREFIX) for k in s):
-        raise WeightsError(
-            f"{source}: an SD v2.x file (OpenCLIP text encoder, {OPEN_CLIP_PREFIX}*), which load_pretrained "
-            "cannot read; convert it to a diffusers folder with diffusers and load that folder"
-        )
+def _infer_clip_text(s: Mapping[str, tuple[int, ...]], source: str) -> dict[str, Any]:
     p = TEXT_PREFIX
     vocab, hidden = _shape(s, f"{p}embeddings.token_embedding.weight", source)
     return {
@@ -504,17 +596,45 @@ def _infer_text(s: Mapping[str, tuple[int, ...]], source: str) -> dict[str, Any]
         "num_hidden_layers": _count(s, f"{p}encoder.layers."),
         "intermediate_size": _shape(s, f"{p}encoder.layers.0.mlp.fc1.weight", source)[0],
         "num_attention_heads": max(1, hidden // CLIP_HEAD_CHANNELS),
+        "hidden_act": "quick_gelu",
+    }
+
+
+def _infer_open_clip_text(s: Mapping[str, tuple[int, ...]], source: str) -> dict[str, Any]:
+    """SD v2.x's text encoder: OpenCLIP's tower up to its penultimate block. A standard file's 24 blocks give
+    23 layers (diffusers ignores ``resblocks.23``); any other count (a file of ours, 23) is taken whole."""
+    p = OPEN_CLIP_PREFIX
+    vocab, hidden = _shape(s, f"{p}token_embedding.weight", source)
+    blocks = _count(s, f"{p}transformer.resblocks.")
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "max_position_embeddings": _shape(s, f"{p}positional_embedding", source)[0],
+        "num_hidden_layers": blocks - 1 if blocks == SD2_OPEN_CLIP_BLOCKS else blocks,
+        "intermediate_size": _shape(s, f"{p}transformer.resblocks.0.mlp.c_fc.weight", source)[0],
+        "num_attention_heads": max(1, hidden // CLIP_HEAD_CHANNELS),
+        "hidden_act": "gelu",
     }
 
 
 def infer_configs(shapes: Mapping[str, tuple[int, ...]], *, source: str = "checkpoint") -> dict[str, dict]:
-    """The ``unet``/``vae``/``text_encoder`` config fields that an SD v1.x single file's tensor shapes fix,
+    """The ``unet``/``vae``/``text_encoder`` config fields that an SD v1.x or v2.x single file's tensors fix,
     inferred as diffusers' ``single_file_utils`` does (widths, levels, layers, block kinds, linear projection;
-    heads from the context width: 768 -> 8 heads, 1024 -> 64 channels per head). What shapes cannot tell
-    (norm groups, scaling factor, prediction type) is left to the caller's defaults."""
+    heads from the context width: 768 -> 8 heads, 1024 -> 64 channels per head; the text encoder's layout
+    fixes its activation: CLIP's ``quick_gelu``, OpenCLIP's ``gelu``). What shapes cannot tell (norm groups,
+    scaling factor, prediction type) is left to the caller's defaults."""
     s = {_canonical_compvis(k): tuple(v) for k, v in shapes.items() if not is_ignored(k)}
-    text = _infer_text(s, source)  # first: an SD v2.x file is named as such
-    return {"unet": _infer_unet(s, source), "vae": _infer_vae(s, source), "text_encoder": text}
+    unet, vae = _infer_unet(s, source), _infer_vae(s, source)
+    if f"{OPEN_CLIP_PREFIX}token_embedding.weight" in s:
+        text = _infer_open_clip_text(s, source)
+    elif f"{TEXT_PREFIX}embeddings.token_embedding.weight" in s:
+        text = _infer_clip_text(s, source)
+    else:
+        raise WeightsError(
+            f"{source}: its text encoder is in no layout we read (neither CLIP's {TEXT_PREFIX}* nor "
+            f"OpenCLIP's {OPEN_CLIP_PREFIX}*: not an SD v1.x/v2.x single file?)"
+        )
+    return {"unet": unet, "vae": vae, "text_encoder": text}
 
 
 def compvis_to_diffusers(
@@ -568,7 +688,9 @@ def diffusers_to_compvis(
     """Merge diffusers ``unet``/``vae``/``text_encoder`` state dicts into one CompVis single-file dict.
 
     Accepts legacy VAE attention names and text encoder keys with or without ``text_model.``; writes
-    the standard ``cond_stage_model.transformer.text_model.*`` layout. Strict: raises WeightsError.
+    the standard text encoder layout ``text_layout`` picks: ``cond_stage_model.transformer.text_model.*``
+    (SD v1.x) or OpenCLIP's ``cond_stage_model.model.*`` (SD v2.x; the config's layers only, see
+    ``_unused_open_clip``). Strict: raises WeightsError.
     """
     flat: dict[str, np.ndarray] = {}
     for comp in COMPONENTS:
@@ -585,10 +707,9 @@ def diffusers_to_compvis(
     if unexpected:
         raise WeightsError(f"{source}: unexpected key {unexpected[0]!r}")
     _raise_missing({df for _, df, _, _ in table} - flat.keys(), source)
-    out: dict[str, np.ndarray] = {}
-    for cv, df, rule, shape in table:
-        arr = np.asarray(flat[df])
-        if arr.shape != shape:
-            raise WeightsError(f"{source}: key {df!r} has shape {arr.shape}, the config expects {shape}")
-        out[cv] = to_compvis_layout(rule, arr)
-    return out
+    shapes = {df: shape for _, df, _, shape in table}
+    for df, shape in shapes.items():
+        if (got := np.shape(flat[df])) != shape:
+            raise WeightsError(f"{source}: key {df!r} has shape {got}, the config expects {shape}")
+    entries = compvis_entries(configs["unet"], configs["vae"], configs["text_encoder"])
+    return {cv: to_compvis_tensor(rule, [flat[df] for df in dfs]) for cv, dfs, rule, _ in entries}

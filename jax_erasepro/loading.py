@@ -21,7 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_erasepro.compvis import compvis_tensor_to_diffusers, infer_configs, plan_compvis_to_diffusers
+from jax_erasepro.compvis import (
+    OPEN_CLIP_LAYOUT,
+    SD2_CONTEXT,
+    compvis_tensor_to_diffusers,
+    file_text_layout,
+    infer_configs,
+    plan_compvis_to_diffusers,
+)
 from jax_erasepro.errors import LoadError
 from jax_erasepro.models.clip import CLIPTextConfig, CLIPTextModel
 from jax_erasepro.models.config import ConfigError, read_json_object
@@ -51,6 +58,25 @@ CONFIG_PATHS = {
     "vae": "vae/config.json",
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+# What an SD v2.x file's shapes cannot tell, chosen as diffusers' from_single_file does without the Hub: its
+# "v2" model type (a 1024-wide context) is stabilityai/stable-diffusion-2-1, the 768-v model, and a file
+# without global_step 875000 (every safetensors file) is v-prediction. That repo's scheduler, and 768 px.
+# prediction_type="epsilon" picks the 512-base models instead (64 latents).
+SD2_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+SD2_SAMPLE_SIZE = {"v_prediction": 96, "epsilon": 64}
+SD2_PAD_TOKEN = "!"  # SD v2.x's tokenizer: SD v1.x's CLIP BPE, padded with "!" (id 0) as OpenCLIP pads
 
 
 def _weights_file(folder: Path, stem: str, variant: str | None) -> Path:
@@ -112,6 +138,14 @@ class FileTensor:
                 if check is not None and not check(piece):
                     return False
         return True
+
+    def row_slice(self, start: int, stop: int) -> FileTensor:
+        """Rows ``start:stop`` along dim 0, still unread (they are one contiguous byte range)."""
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"rows {start}:{stop} of a tensor of shape {self.shape}")
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        shape = (stop - start, *self.shape[1:])
+        return dataclasses.replace(self, offset=self.offset + start * row_bytes, shape=shape)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)
@@ -223,10 +257,11 @@ def _tokenizer_folder(root: Path) -> Path:
 
 
 def _single_file_configs(
-    path: Path, reader: SafetensorsReader
+    path: Path, reader: SafetensorsReader, prediction_type: str | None
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str], str | None]:
     """Raw configs of a single file: from our ``__metadata__`` when it has them (and the fingerprint of the
-    tokenizer it was saved with), else SD v1.4's shipped configs with what the tensor shapes fix put in."""
+    tokenizer it was saved with), else SD v1.4's shipped configs with what the tensor shapes fix put in (and
+    for SD v2.x, ``SD2_SCHEDULER`` and its sample size, by ``prediction_type``)."""
     text = reader.metadata.get(SINGLE_FILE_CONFIGS)
     if text is not None:
         where = {name: f"{path} (metadata {SINGLE_FILE_CONFIGS}: {name})" for name in CONFIG_PATHS}
@@ -244,23 +279,38 @@ def _single_file_configs(
     inferred = infer_configs(reader.shapes(), source=str(path))
     for comp, fields in inferred.items():
         raw[comp] = {**raw[comp], **fields}
+    if inferred["unet"]["cross_attention_dim"] == SD2_CONTEXT:  # diffusers' "v2" model type
+        pred = prediction_type or SD2_SCHEDULER["prediction_type"]
+        raw["scheduler"] = {**SD2_SCHEDULER, "prediction_type": pred}
+        raw["unet"]["sample_size"] = SD2_SAMPLE_SIZE.get(pred, SD2_SAMPLE_SIZE["v_prediction"])
     where = {name: f"{path} (inferred from its tensor shapes: {name})" for name in CONFIG_PATHS}
     return raw, where, None
 
 
-def _single_file_tokenizer(path: Path, fingerprint: str | None) -> Any:
-    """The shipped CLIP tokenizer (SD v1.x's), refused when the file records a different one."""
-    tokenizer = load_tokenizer(clip_tokenizer_path())
-    if fingerprint is not None and fingerprint != tokenizer_fingerprint(tokenizer):
-        raise LoadError(
-            f"{path} was saved with a tokenizer other than SD v1.x's CLIP tokenizer that jax-erasepro ships; "
-            "pass tokenizer=<a folder with its tokenizer files> (or config=<its diffusers folder>)"
-        )
-    return tokenizer
+def _single_file_tokenizer(path: Path, fingerprint: str | None, open_clip: bool) -> Any:
+    """The shipped CLIP tokenizer: SD v1.x's, or for an OpenCLIP (SD v2.x) file SD v2.x's (pad "!") first;
+    refused when the file records a tokenizer that is neither."""
+    candidates = [load_tokenizer(clip_tokenizer_path())]
+    if open_clip:
+        sd2 = load_tokenizer(clip_tokenizer_path())
+        sd2.pad_token = SD2_PAD_TOKEN
+        candidates.insert(0, sd2)
+    for tokenizer in candidates:
+        if fingerprint is None or fingerprint == tokenizer_fingerprint(tokenizer):
+            return tokenizer
+    which = "SD v2.x's or SD v1.x's CLIP tokenizers" if open_clip else "SD v1.x's CLIP tokenizer"
+    raise LoadError(
+        f"{path} was saved with a tokenizer other than {which} that jax-erasepro ships; "
+        "pass tokenizer=<a folder with its tokenizer files> (or config=<its diffusers folder>)"
+    )
 
 
 def _load_single_file(
-    path: Path, config: str | Path | None, dtype: Any, tokenizer: str | Path | None
+    path: Path,
+    config: str | Path | None,
+    dtype: Any,
+    tokenizer: str | Path | None,
+    prediction_type: str | None,
 ) -> StableDiffusion:
     """A CompVis single-file ``.safetensors``, keys mapped by ``compvis.py``. Configs from the folder
     ``config``, else from the file's own metadata (ours), else inferred from its tensor shapes."""
@@ -270,12 +320,12 @@ def _load_single_file(
         cfg, sched_cfg, raw = _read_configs(cfg_root)
         tok = load_tokenizer(tokenizer if tokenizer is not None else _tokenizer_folder(cfg_root))
     else:
-        raw, where, fingerprint = _single_file_configs(path, reader)
+        raw, where, fingerprint = _single_file_configs(path, reader, prediction_type)
         cfg, sched_cfg = _configs_from_dicts(raw, where)
         if tokenizer is not None:
             tok = load_tokenizer(tokenizer)
         else:
-            tok = _single_file_tokenizer(path, fingerprint)
+            tok = _single_file_tokenizer(path, fingerprint, file_text_layout(reader.keys) == OPEN_CLIP_LAYOUT)
     dicts = {"text_encoder": cfg.text_encoder.to_dict(), "unet": cfg.unet.to_dict(), "vae": cfg.vae.to_dict()}
     plan = plan_compvis_to_diffusers(reader.keys, dicts, source=str(path))
     file_dtypes = reader.dtypes()
@@ -384,22 +434,41 @@ def load_pretrained(
     variant: str | None = None,
     config: str | Path | None = None,
     tokenizer: str | Path | None = None,
+    prediction_type: str | None = None,
 ) -> StableDiffusion:
-    """Load SD v1.x into JAX: a diffusers folder (safetensors, fp32 or the fp16 variant), a folder saved with
-    ``format="orbax"``, or a CompVis single-file ``.safetensors``.
+    """Load SD v1.x/v2.x into JAX: a diffusers folder (safetensors, fp32 or the fp16 variant), a folder saved
+    with ``format="orbax"``, or a CompVis single-file ``.safetensors``.
 
     A single file takes its configs from ``config`` (a diffusers folder) when given, else from its own
-    metadata (files ``save_pretrained`` writes), else from its tensor shapes (SD v1.x; the prediction type is
-    not in the shapes: epsilon); its tokenizer is ``config``'s, else SD v1.x's CLIP tokenizer shipped here.
+    metadata (files ``save_pretrained`` writes), else from its tensor shapes (SD v1.x: epsilon; SD v2.x, as
+    diffusers assumes: the 768-v model, v-prediction and DDIM); its tokenizer is ``config``'s, else the CLIP
+    tokenizer shipped here (SD v2.x's pads with "!"). ``prediction_type`` overrides the scheduler's of any
+    format (for an SD v2.x file inferred from shapes, ``"epsilon"`` also means 512 px: the base models).
     ``tokenizer`` (a folder) overrides the tokenizer of any format. ``dtype`` is the params' float dtype in
     memory; ``variant`` picks e.g. ``"fp16"`` weight files. ``path=None`` loads the embedded default model.
     """
+    if prediction_type is not None:  # checked before any weight is read
+        SchedulerConfig.from_dict({"prediction_type": prediction_type}, source="prediction_type=")
+    sd = _load(path, _float_dtype(dtype), variant, config, tokenizer, prediction_type)
+    if prediction_type is None or prediction_type == sd.scheduler_config.prediction_type:
+        return sd
+    sched = dataclasses.replace(sd.scheduler_config, prediction_type=prediction_type)
+    return sd.replace(scheduler_config=sched)
+
+
+def _load(
+    path: str | Path | None,
+    jdtype: Any,
+    variant: str | None,
+    config: str | Path | None,
+    tokenizer: str | Path | None,
+    prediction_type: str | None,
+) -> StableDiffusion:
     if path is None:
         from jax_erasepro.default_model import default_model_path
 
         path = default_model_path()
     root = Path(path)
-    jdtype = _float_dtype(dtype)
     if root.is_file():
         if root.suffix in PICKLED_SUFFIXES:
             raise WeightsError(
@@ -408,7 +477,7 @@ def load_pretrained(
             )
         if root.suffix != ".safetensors":
             raise WeightsError(f"{root}: unknown file type (expected a single-file .safetensors)")
-        return _load_single_file(root, config, jdtype, tokenizer)
+        return _load_single_file(root, config, jdtype, tokenizer, prediction_type)
     if not root.is_dir():
         raise FileNotFoundError(f"no such model folder: {root}")
     if (root / ORBAX_MARKER).is_file():

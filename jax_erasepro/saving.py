@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jax_erasepro import safefiles
-from jax_erasepro.compvis import compvis_key_map, compvis_shape, diffusers_shapes, to_compvis_layout
+from jax_erasepro.compvis import compvis_entries, to_compvis_tensor
 from jax_erasepro.delta import DELTA_FILE, write_delta
 from jax_erasepro.errors import SaveError
 from jax_erasepro.loading import CONFIG_PATHS, DELTA_MARKER, ORBAX_MARKER, ORBAX_PARAMS, SINGLE_FILE_CONFIGS
@@ -239,28 +239,27 @@ def _write_diffusers(sd: StableDiffusion, root: Path, dtype: Any) -> None:
         )
 
 
-def _compvis_table(sd: StableDiffusion) -> list[tuple[str, str, str]]:
-    return compvis_key_map(
-        sd.config.unet.to_dict(), sd.config.vae.to_dict(), sd.config.text_encoder.to_dict()
-    )
-
-
 def _write_single_file(sd: StableDiffusion, path: Path, dtype: Any) -> None:
-    """The CompVis layout through ``compvis.py``'s table, streamed one tensor at a time."""
-    table = _compvis_table(sd)
+    """The CompVis layout through ``compvis.py``'s table, streamed one tensor at a time (OpenCLIP's fused
+    q/k/v, SD v2.x's, once its three parts have come by)."""
     cfgs = (sd.config.unet.to_dict(), sd.config.vae.to_dict(), sd.config.text_encoder.to_dict())
-    shapes = diffusers_shapes(*cfgs)
+    entries = compvis_entries(*cfgs)
     header = []
-    for cv, df, rule in table:
-        comp, key = df.split(".", 1)
-        header.append((cv, compvis_shape(rule, shapes[df]), source_dtype(sd, comp, key, dtype)))
-    by_df = {df: (cv, rule) for cv, df, rule in table}
+    for cv, dfs, _, shape in entries:
+        comp, key = dfs[0].split(".", 1)
+        header.append((cv, shape, source_dtype(sd, comp, key, dtype)))
+    by_df = {df: (cv, rule, dfs) for cv, dfs, rule, _ in entries for df in dfs}
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        pending: dict[str, dict[str, np.ndarray]] = {}
         for comp in COMPONENTS:
             for key, arr in iter_state_dict(getattr(sd, comp)):
-                cv, rule = by_df[f"{comp}.{key}"]
-                yield cv, to_compvis_layout(rule, arr)
+                cv, rule, dfs = by_df[f"{comp}.{key}"]
+                parts = pending.setdefault(cv, {})
+                parts[f"{comp}.{key}"] = arr
+                if len(parts) == len(dfs):
+                    del pending[cv]
+                    yield cv, to_compvis_tensor(rule, [parts[df] for df in dfs])
 
     safefiles.write_safetensors(path, header, tensors, metadata=single_file_metadata(sd))
 

@@ -409,8 +409,8 @@ def test_architecture_inferred_from_shapes_is_sd14s(sd14_dir):
 
 
 def test_inference_refuses_what_it_cannot_tell():
-    """SD v2.x's UNet shapes give 64 channels per head; its OpenCLIP text encoder, and an unknown context
-    width, are one WeightsError each saying what to pass instead."""
+    """SD v2.x's UNet shapes give 64 channels per head; a text encoder in neither CLIP's nor OpenCLIP's
+    layout, and an unknown context width, are one WeightsError each saying what is wrong."""
     from jax_erasepro.compvis import infer_configs
 
     v2_unet = dict(
@@ -424,9 +424,157 @@ def test_inference_refuses_what_it_cannot_tell():
     shapes = _compvis_shapes(v2_unet, VAE_TINY, TEXT_TINY)
     unet = infer_configs(shapes)["unet"]
     assert unet["attention_head_dim"] == [5, 10] and unet["use_linear_projection"] is True
-    with pytest.raises(WeightsError, match="SD v2.x file.*OpenCLIP"):
-        infer_configs({**shapes, "cond_stage_model.model.ln_final.weight": (1024,)})
+    unet_and_vae = {k: v for k, v in shapes.items() if not k.startswith("cond_stage_model.")}
+    with pytest.raises(WeightsError, match="text encoder is in no layout we read.*OpenCLIP"):
+        infer_configs({**unet_and_vae, "conditioner.embedders.0.transformer.x": (1,)})  # SDXL's
     with pytest.raises(WeightsError, match="cross-attention width 32.*config="):
         infer_configs(_compvis_shapes(UNET_TINY, VAE_TINY, TEXT_TINY))
     with pytest.raises(WeightsError, match="no tensor.*config="):
         infer_configs({"model.diffusion_model.out.2.weight": (4, 32, 3, 3)})
+
+
+# --- SD v2.x: OpenCLIP's text tower (cond_stage_model.model.*, fused in_proj q/k/v) ----------------------
+
+OPEN_CLIP = "cond_stage_model.model."
+TEXT_GELU = dict(TEXT_TINY, hidden_act="gelu")  # a gelu text encoder is written in OpenCLIP's layout
+
+
+@pytest.fixture(scope="module")
+def tiny_v2():
+    mods = {
+        "unet": _randomize(UNet2DConditionModel(**UNET_TINY), 0),
+        "vae": _randomize(AutoencoderKL(**VAE_TINY), 1),
+        "text_encoder": _randomize(CLIPTextModel(CLIPTextConfig(**TEXT_GELU)), 2),
+    }
+    states = {k: _numpy(m) for k, m in mods.items()}
+    configs = {k: (m.config.to_dict() if k == "text_encoder" else dict(m.config)) for k, m in mods.items()}
+    return mods, states, configs
+
+
+def test_open_clip_layout_round_trips_and_agrees_with_diffusers(tiny_v2):
+    """q/k/v fuse into ``in_proj`` (q first) and split back bit-exactly; diffusers' own
+    ``convert_open_clip_checkpoint`` reads our file to the same text encoder."""
+    mods, states, configs = tiny_v2
+    flat = diffusers_to_compvis(states, configs)
+    text = {k: v for k, v in flat.items() if k.startswith("cond_stage_model.")}
+    assert all(k.startswith(OPEN_CLIP) for k in text) and len(text) == 2 + 2 + 2 * 12
+    te = states["text_encoder"]
+    np.testing.assert_array_equal(
+        text[f"{OPEN_CLIP}transformer.resblocks.1.attn.in_proj_weight"],
+        np.concatenate([te[f"encoder.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]),
+    )
+    back = compvis_to_diffusers(flat, configs)
+    for c in COMPONENTS:
+        _assert_same(back[c], states[c])
+    got = sfu.convert_open_clip_checkpoint(
+        mods["text_encoder"], {k: torch.from_numpy(v) for k, v in text.items()}
+    )
+    _assert_same({k.removeprefix("text_model."): v.numpy() for k, v in got.items()}, te)
+
+
+def test_open_clip_extras_are_ignored_and_a_second_extra_block_is_not(tiny_v2):
+    """A standard SD v2.x file also holds the tower's last block (unused: SD conditions on the
+    penultimate layer), ``text_projection`` and ``logit_scale``: ignored, as diffusers does. A block beyond
+    that is not; a missing or mis-shaped fused tensor is named."""
+    _, states, configs = tiny_v2
+    flat = diffusers_to_compvis(states, configs)
+    block = f"{OPEN_CLIP}transformer.resblocks."
+    last = {k.replace(f"{block}0.", f"{block}2."): v for k, v in flat.items() if k.startswith(f"{block}0.")}
+    h = TEXT_GELU["hidden_size"]
+    extras = {
+        f"{OPEN_CLIP}text_projection": np.ones((h, h), np.float32),
+        f"{OPEN_CLIP}logit_scale": np.ones(()),
+    }
+    back = compvis_to_diffusers({**flat, **last, **extras}, configs)
+    _assert_same(back["text_encoder"], states["text_encoder"])
+    beyond = {k.replace(f"{block}2.", f"{block}3."): v for k, v in last.items()}
+    with pytest.raises(WeightsError, match=r"unexpected key '.*resblocks\.3\."):
+        compvis_to_diffusers({**flat, **last, **beyond}, configs)
+    with pytest.raises(WeightsError, match=r"missing key '.*resblocks\.1\.attn\.in_proj_bias'"):
+        compvis_to_diffusers(
+            {k: v for k, v in flat.items() if not k.endswith("1.attn.in_proj_bias")}, configs
+        )
+    bad = dict(flat, **{f"{block}0.attn.in_proj_weight": np.zeros((2 * h, h), np.float32)})
+    with pytest.raises(
+        WeightsError, match=r"in_proj_weight' has shape \(64, 32\), the config expects \(96, 32\)"
+    ):
+        compvis_to_diffusers(bad, configs)
+
+
+def test_diffusers_from_single_file_reads_our_sd2_checkpoint(tiny_v2, tmp_path, sd14_dir):
+    mods, states, configs = tiny_v2
+    pipe = StableDiffusionPipeline(
+        vae=mods["vae"],
+        text_encoder=mods["text_encoder"],
+        tokenizer=CLIPTokenizer.from_pretrained(sd14_dir / "tokenizer"),
+        unet=mods["unet"],
+        scheduler=PNDMScheduler.from_pretrained(sd14_dir / "scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp_path / "folder")
+    path = tmp_path / "model.safetensors"
+    save_file(diffusers_to_compvis(states, configs), str(path))
+    loaded = StableDiffusionPipeline.from_single_file(
+        str(path), config=str(tmp_path / "folder"), local_files_only=True, safety_checker=None
+    )
+    for c in COMPONENTS:
+        _assert_same(_numpy(getattr(loaded, c)), states[c])
+
+
+# stabilityai/stable-diffusion-2-1's configs, the fields a single file's tensors fix
+SD21_UNET = dict(
+    block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    cross_attention_dim=1024,
+    attention_head_dim=[5, 10, 20, 20],
+    use_linear_projection=True,
+    in_channels=4,
+    out_channels=4,
+    transformer_layers_per_block=1,
+)
+SD21_VAE = dict(
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+)
+SD21_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+)
+
+
+def test_sd21_architecture_inferred_from_a_standard_files_shapes():
+    """A standard SD v2.1 file (24 OpenCLIP blocks, text_projection, logit_scale; shapes only, no tensor)
+    gives SD v2.1's configs: 23 text layers, 16 heads, gelu; 64 channels per UNet head; its keys all map."""
+    from jax_erasepro.compvis import infer_configs, plan_compvis_to_diffusers
+
+    shapes = _compvis_shapes(SD21_UNET, SD21_VAE, SD21_TEXT)
+    b22, b23 = f"{OPEN_CLIP}transformer.resblocks.22.", f"{OPEN_CLIP}transformer.resblocks.23."
+    shapes.update({k.replace(b22, b23): v for k, v in shapes.items() if k.startswith(b22)})
+    shapes.update({f"{OPEN_CLIP}text_projection": (1024, 1024), f"{OPEN_CLIP}logit_scale": ()})
+    assert shapes[f"{b23}attn.in_proj_weight"] == (3072, 1024)
+    inferred = infer_configs(shapes)
+    assert inferred == {"unet": SD21_UNET, "vae": SD21_VAE, "text_encoder": SD21_TEXT}
+    plan = plan_compvis_to_diffusers(shapes, inferred)
+    assert len(plan["text_encoder"]) == 2 + 2 + 23 * 16
+    assert plan["text_encoder"]["encoder.layers.22.self_attn.v_proj.weight"] == (
+        f"{b22}attn.in_proj_weight",
+        "fused_qkv.2",
+        (3072, 1024),
+    )
+    # a file of ours holds just the 23 blocks the model has: taken whole
+    ours = {k: v for k, v in shapes.items() if not k.startswith((b23, f"{OPEN_CLIP}text_projection"))}
+    assert infer_configs(ours)["text_encoder"]["num_hidden_layers"] == 23

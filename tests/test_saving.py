@@ -72,7 +72,6 @@ def _assert_files_identical(a: Path, b: Path) -> None:
                 assert x.tobytes() == y.tobytes(), k
 
 
-
 @pytest.mark.parametrize(
     "dtype, prefix", [(torch.float32, False), (torch.float16, False), (torch.float32, True)], ids=str
 )
@@ -424,3 +423,142 @@ def test_sd14_size_single_file_and_folder(sd14_dir, tmp_path):
             assert set(keys) == {k for k in got if not k.endswith("position_ids")}, name
             for k in keys:
                 assert torch.equal(got[k], f.get_tensor(k)), (name, k)
+
+
+# --- SD v2.x single files: OpenCLIP text encoder, 1024-wide context ---------------------------------------
+
+OPEN_CLIP = "cond_stage_model.model."
+SD2_UNET = dict(  # SD v2.x's layout in small: 1024 context, 64 channels per head, linear projections
+    block_out_channels=(64, 128),
+    layers_per_block=1,
+    cross_attention_dim=1024,
+    attention_head_dim=(1, 2),
+    use_linear_projection=True,
+    norm_num_groups=32,
+    sample_size=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
+SD2_VAE = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+)
+SD2_TEXT = dict(  # OpenCLIP's width and activation, few layers, a small vocabulary
+    vocab_size=1000,
+    hidden_size=1024,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+)
+
+
+def _open_clip_text(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A transformers CLIPTextModel state dict in OpenCLIP's ldm layout, written here by the mapping alone
+    (independent of compvis.py), plus the entries SD does not use: text_projection, logit_scale."""
+    out = {
+        "token_embedding.weight": state["embeddings.token_embedding.weight"],
+        "positional_embedding": state["embeddings.position_embedding.weight"],
+        "ln_final.weight": state["final_layer_norm.weight"],
+        "ln_final.bias": state["final_layer_norm.bias"],
+        "text_projection": torch.randn(1024, 1024),
+        "logit_scale": torch.tensor(4.6052),
+    }
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    names["self_attn.out_proj"] = "attn.out_proj"
+    for i in range(SD2_TEXT["num_hidden_layers"]):
+        src, dst = f"encoder.layers.{i}", f"transformer.resblocks.{i}"
+        for kind in ("weight", "bias"):
+            qkv = [state[f"{src}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            out[f"{dst}.attn.in_proj_{kind}"] = torch.cat(qkv)
+            for hf, oc in names.items():
+                out[f"{dst}.{oc}.{kind}"] = state[f"{src}.{hf}.{kind}"]
+    return {OPEN_CLIP + k: v.numpy() for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    """Random-weight torch SD v2.x-like modules and a standard single file of them (no metadata)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    mods = {
+        "unet": UNet2DConditionModel(**SD2_UNET),
+        "vae": AutoencoderKL(**SD2_VAE),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**SD2_TEXT)),
+    }
+    with torch.no_grad():  # distinct values in every tensor (norms and biases too), small enough for 1e-4
+        for m in mods.values():
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn(p.shape))
+    states = {c: {k: v.detach().numpy() for k, v in m.state_dict().items()} for c, m in mods.items()}
+    configs = {c: (m.config.to_dict() if c == "text_encoder" else dict(m.config)) for c, m in mods.items()}
+    flat = diffusers_to_compvis(states, configs)  # UNet and VAE: the table checked against diffusers
+    flat = {k: v for k, v in flat.items() if not k.startswith("cond_stage_model.")}
+    flat.update(_open_clip_text(mods["text_encoder"].state_dict()))
+    path = tmp_path_factory.mktemp("sd2") / "v2.safetensors"
+    save_file(flat, path)
+    return mods, states, path
+
+
+def test_sd2_single_file_loads_alone(sd2):
+    """A standard SD v2.x file with no configs: its architecture from the shapes, diffusers' v2 defaults for
+    the rest (v-prediction, DDIM, 768 px; epsilon means 512 px), SD v2.x's tokenizer; weights exact and the
+    text encoder's output transformers' (1e-4)."""
+    from jax_erasepro.weights import to_state_dict
+
+    mods, states, path = sd2
+    sd = load_pretrained(path)
+    text = sd.config.text_encoder
+    assert (text.hidden_act, text.num_hidden_layers, text.num_attention_heads) == ("gelu", 2, 16)
+    assert (text.vocab_size, text.intermediate_size) == (1000, 64)
+    assert list(sd.config.unet.attention_head_dim) == [1, 2] and sd.config.unet.use_linear_projection
+    assert (sd.config.unet.sample_size, sd.scheduler_config.prediction_type) == (96, "v_prediction")
+    assert sd.scheduler_config.class_name == "DDIMScheduler" and sd.tokenizer.pad_token == "!"
+    for c in ("unet", "vae"):
+        got = to_state_dict(getattr(sd, c))
+        assert got.keys() == states[c].keys()
+        for k, v in states[c].items():
+            np.testing.assert_array_equal(got[k], v, err_msg=f"{c}.{k}")
+    ids = np.random.default_rng(0).integers(0, 1000, (2, 77))
+    with torch.no_grad():
+        ref = mods["text_encoder"](torch.from_numpy(ids)).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(sd.text_encoder(ids)), ref, atol=1e-4, rtol=0)
+    base = load_pretrained(path, prediction_type="epsilon")
+    assert (base.config.unet.sample_size, base.scheduler_config.prediction_type) == (64, "epsilon")
+
+
+def test_sd2_single_file_round_trip_and_diffusers(sd2, tmp_path):
+    """Ours -> file -> ours is bit-identical (configs and SD v2.x tokenizer from the metadata); the file
+    holds OpenCLIP's layout (the model's blocks only) and diffusers' from_single_file reads it, as it reads
+    the standard file, to the source weights."""
+    mods, states, path = sd2
+    sd = load_pretrained(path)
+    out = save_pretrained(sd, tmp_path / "ours.safetensors", format="single_file")
+    with safe_open(out, "np") as f:
+        text_keys = {k for k in f.keys() if k.startswith("cond_stage_model.")}  # noqa: SIM118
+    blocks = {k.split(".")[4] for k in text_keys if ".resblocks." in k}
+    assert all(k.startswith(OPEN_CLIP) for k in text_keys) and blocks == {"0", "1"}
+    back = load_pretrained(out)
+    assert_same_params(back, sd)
+    for c in ("text_encoder", "unet", "vae"):
+        assert getattr(back.config, c) == getattr(sd.config, c), c
+    assert back.scheduler_config == sd.scheduler_config
+    assert back.tokenizer.pad_token == "!"
+    folder = save_pretrained(sd, tmp_path / "folder")  # the configs diffusers needs, offline
+    for file in (out, path):
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(file), config=str(folder), local_files_only=True, safety_checker=None
+        )
+        assert pipe.scheduler.config.prediction_type == "v_prediction"
+        for c in ("unet", "vae", "text_encoder"):
+            got = {k.removeprefix("text_model."): v for k, v in getattr(pipe, c).state_dict().items()}
+            got.pop("embeddings.position_ids", None)
+            assert got.keys() == states[c].keys(), c
+            for k, v in states[c].items():
+                np.testing.assert_array_equal(got[k].numpy(), v, err_msg=f"{file.name}: {c}.{k}")
