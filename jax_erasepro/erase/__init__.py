@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jax_erasepro.erase.ac import ACOptions, erase_ac
+from jax_erasepro.erase.allbutone import AllButOneOptions, erase_allbutone
 from jax_erasepro.erase.blas import single_threaded_blas
 from jax_erasepro.erase.columns import EraseError
 from jax_erasepro.erase.erasepro import (
@@ -77,6 +78,17 @@ register(
         erase_ac,
     )
 )
+register(
+    Method(
+        "allbutone",
+        "All but One: fine-tunes the U-Net's cross-attention so only the target's guidance term moves to the "
+        "anchor's (on its strongest elements), the unconditional prediction held by a Lagrangian penalty",
+        "Hong, Lee and Woo, All but One: Surgical Concept Erasing with Model Preservation in Text-to-Image "
+        "Diffusion Models, AAAI 2024 (arXiv 2312.12807); no official code, our implementation of the paper",
+        AllButOneOptions,
+        erase_allbutone,
+    )
+)
 METHODS = REGISTRY  # name -> Method
 
 
@@ -139,6 +151,7 @@ def erase(
 
 __all__ = [
     "ACOptions",
+    "AllButOneOptions",
     "DEFAULT_PROMPTS",
     "METHODS",
     "REGISTRY",
