@@ -22,6 +22,7 @@ from jax_erasepro.erase.erasepro import (
     run_implicit,
 )
 from jax_erasepro.erase.esd import TRAIN_SETS, ESDOptions, runner
+from jax_erasepro.erase.fewshot import FewShotOptions, erase_fewshot
 from jax_erasepro.erase.methods import REGISTRY, Method, Request, get_method, register
 from jax_erasepro.erase.report import EraseReport
 from jax_erasepro.erase.uce import UCEOptions, erase_uce
@@ -76,6 +77,17 @@ register(
         "Kumari et al., Ablating Concepts in Text-to-Image Diffusion Models, ICCV 2023 (arXiv 2303.13516)",
         ACOptions,
         erase_ac,
+    )
+)
+register(
+    Method(
+        "fewshot",
+        "few-shot unlearning: gradient ascent of the diffusion loss on a few images of the target, captioned "
+        "with it, updating only the text encoder (Adam); anchors and preserve are not used",
+        "Fuchi & Takagi, Erasing Concepts from Text-to-Image Diffusion Models with Few-shot Unlearning, "
+        "BMVC 2024 (arXiv 2405.07288)",
+        FewShotOptions,
+        erase_fewshot,
     )
 )
 register(
@@ -159,6 +171,7 @@ __all__ = [
     "EraseProOptions",
     "ESDOptions",
     "EraseReport",
+    "FewShotOptions",
     "ImplicitOptions",
     "Method",
     "Request",

@@ -110,7 +110,8 @@ _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 
 
 def convert(value: Any, hint: Any, name: str) -> Any:
-    """``value`` as the declared type ``hint`` (str, int, float, bool, tuple[str, ...], or X | None).
+    """``value`` as the declared type ``hint`` (str, int, float, bool, tuple[str, ...], another class whose
+    instances pass as they are, or a union of them with None: the first member that fits).
 
     Text (from the command line or YAML, where ``1e-2`` reads as a string) is parsed; other values must
     already have the type (an int is accepted for a float). EraseError naming the option otherwise.
@@ -120,10 +121,9 @@ def convert(value: Any, hint: Any, name: str) -> Any:
         is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
         if is_none and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
+        for inner in (a for a in args if a is not type(None)):  # the first declared type that fits
             try:
-                return convert(value, inner[0], name)
+                return convert(value, inner, name)
             except EraseError:
                 pass
         raise EraseError(f"option {name}: expected {_type_name(hint)}, got {value!r}")
@@ -155,6 +155,8 @@ def convert(value: Any, hint: Any, name: str) -> Any:
                 value = json.loads(value)  # a JSON list from the command line
             if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
                 return tuple(value)
+        elif isinstance(hint, type) and isinstance(value, hint):  # a Python object (an array), as declared
+            return value
     except ValueError:
         pass
     raise EraseError(f"option {name}: expected {_type_name(hint)}, got {value!r}")
