@@ -71,7 +71,7 @@ def test_loss_and_gradient_match_the_authors_torch_computation(sd):
         p.requires_grad_(False)
     to_torch = lambda a: torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())  # noqa: E731
     embedding = text_encoder(torch.from_numpy(np.asarray(ids, np.int64)))[0]
-    model_pred = unet(to_torch(x_t), torch.from_numpy(np.asarray(t)), embedding).sample
+    model_pred = unet(to_torch(x_t), torch.from_numpy(np.array(t)), embedding).sample
     ref = -torch.nn.functional.mse_loss(model_pred.float(), to_torch(noise).float(), reduction="mean")
     ref.backward()
     assert_close(float(loss), ref.item())
