@@ -146,7 +146,17 @@ def _batch(key: jax.Array, x0: jax.Array, n: int, hflip: bool) -> tuple[jax.Arra
 
 @functools.partial(
     jax.jit,
-    static_argnames=("unet_def", "config", "batch", "hflip", "from_original", "model_based", "prior", "tx"),
+    static_argnames=(
+        "unet_def",
+        "config",
+        "batch",
+        "hflip",
+        "from_original",
+        "model_based",
+        "prior",
+        "tx",
+        "sharding",
+    ),
 )
 def ac_step(
     trainable: nnx.State,
@@ -170,6 +180,7 @@ def ac_step(
     model_based: bool,
     prior: bool,
     tx: Any,
+    sharding: Any = None,
 ) -> tuple[nnx.State, Any, jax.Array]:
     """One AC step on a batch of anchor latents ``x0`` (rows of the generated set, each with the anchor and
     target prompt states of the prompt that made it); returns the new params, optimiser state and loss."""
@@ -177,7 +188,7 @@ def ac_step(
     x, idx = _batch(k_batch, x0, batch, hflip)
     noise = jax.random.normal(k_noise, x.shape, x.dtype)
     t = jax.random.randint(k_t, (batch,), 0, config.num_train_timesteps)
-    x_t = schedulers.add_noise(config, x, noise, t)
+    x_t = finetune.constrain(schedulers.add_noise(config, x, noise, t), sharding)
     if model_based:
         goal = anchor_goal(
             unet_def, original if from_original else trainable, rest, x_t, t, anchor_states[idx]
@@ -192,7 +203,7 @@ def ac_step(
             xp, pidx = _batch(k_b, x0, batch, hflip)
             np_ = jax.random.normal(k_n, xp.shape, xp.dtype)
             tp = jax.random.randint(k_tt, (batch,), 0, config.num_train_timesteps)
-            xp_t = schedulers.add_noise(config, xp, np_, tp)
+            xp_t = finetune.constrain(schedulers.add_noise(config, xp, np_, tp), sharding)
             loss = loss + prior_weight * ac_loss(unet_def, params, rest, xp_t, tp, anchor_states[pidx], np_)
         return loss
 
@@ -270,6 +281,7 @@ def erase_ac(
         model_based=opts["loss"] == "model-based",
         prior=opts["prior"],
         tx=tx,
+        sharding=finetune.batch_sharding(opts["data_parallel"], opts["batch_size"]),
     )
     original, rest = split.trainable, split.rest
 

@@ -141,7 +141,7 @@ def allbutone_loss(
     return erase + lam * (drift - epsilon), (erase, drift)
 
 
-@functools.partial(jax.jit, static_argnames=("unet_def", "shape", "percentile", "tx"))
+@functools.partial(jax.jit, static_argnames=("unet_def", "shape", "percentile", "tx", "sharding"))
 def allbutone_step(
     trainable: nnx.State,
     opt_state: tuple[Any, jax.Array],
@@ -162,6 +162,7 @@ def allbutone_step(
     shape: tuple[int, ...],
     percentile: float,
     tx: Any,
+    sharding: Any = None,
 ) -> tuple[nnx.State, tuple[Any, jax.Array], jax.Array, dict[str, jax.Array]]:
     """One step: draw x_t, the frozen predictions, the loss and gradient, Adam, then the dual ascent of
     lambda. ``targets``/``anchors`` (P, T, d) are the prompt pairs, cycled by ``step``."""
@@ -172,6 +173,7 @@ def allbutone_step(
     anchor = jnp.repeat(anchors[row][None], batch, axis=0)
     uncond = jnp.repeat(empty, batch, axis=0)
     t_enc, noise, k_sample = draws(key, step, schedule.timesteps.shape[0], shape)
+    noise = finetune.constrain(noise, sharding)
     guided = jnp.stack([uncond, target], axis=1).reshape(-1, *target.shape[1:])
     x_t = sample_xt(unet_def, (trainable, rest), schedule, noise, guided, start_guidance, t_enc, k_sample)
     t = jnp.full((batch,), schedule.timesteps[t_enc])
@@ -215,7 +217,10 @@ def erase_allbutone(
     tx = finetune.optimizer()
     key = jax.random.key(opts["seed"])
     scalars = tuple(jnp.float32(opts[k]) for k in ("lr", "start_guidance", "epsilon", "lambda_lr"))
-    static = dict(unet_def=split.graphdef, shape=shape, percentile=float(opts["percentile"]), tx=tx)
+    sharding = finetune.batch_sharding(opts["data_parallel"], opts["batch_size"])
+    static = dict(
+        unet_def=split.graphdef, shape=shape, percentile=float(opts["percentile"]), tx=tx, sharding=sharding
+    )
     original, rest = split.trainable, split.rest
 
     def step(trainable, opt_state, i):

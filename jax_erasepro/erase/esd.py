@@ -220,7 +220,7 @@ def draws(key: jax.Array, step: jax.Array, n_steps: int, shape: tuple[int, ...])
 _ADAM = finetune.optimizer()  # torch.optim.Adam's defaults; lr applied in the step
 
 
-@functools.partial(jax.jit, static_argnames=("unet_def", "shape", "base", "sample_trained"))
+@functools.partial(jax.jit, static_argnames=("unet_def", "shape", "base", "sample_trained", "sharding"))
 def esd_step(
     trainable: nnx.State,
     opt_state: optax.OptState,
@@ -239,6 +239,7 @@ def esd_step(
     shape: tuple[int, ...],
     base: str,
     sample_trained: bool,
+    sharding: Any = None,
 ) -> tuple[nnx.State, optax.OptState, jax.Array, jax.Array]:
     """One ESD iteration: sample x_t to a drawn step, the frozen target, loss, gradient, an Adam update.
 
@@ -250,6 +251,7 @@ def esd_step(
     context = jnp.repeat(contexts[step % contexts.shape[0]][None], batch, axis=0)
     empty = jnp.repeat(uncond, batch, axis=0)
     t_enc, noise, k_sample = draws(key, step, schedule.timesteps.shape[0], shape)
+    noise = finetune.constrain(noise, sharding)
     guided = jnp.stack([empty, context], axis=1).reshape(-1, *context.shape[1:])  # (u_0, c_0, u_1, ...)
     sampler = trainable if sample_trained else original
     x_t = sample_xt(unet_def, (sampler, rest), schedule, noise, guided, start_guidance, t_enc, k_sample)
@@ -298,7 +300,10 @@ def erase_esd(
     key = jax.random.key(opts["seed"])
     lr, eta, start_guidance = (jnp.float32(opts[k]) for k in ("lr", "negative_guidance", "start_guidance"))
     trained = opts["sample_with"] == "trained"
-    static = dict(unet_def=unet_def, shape=shape, base=opts["base"], sample_trained=trained)
+    sharding = finetune.batch_sharding(opts["data_parallel"], opts["batch_size"])
+    static = dict(
+        unet_def=unet_def, shape=shape, base=opts["base"], sample_trained=trained, sharding=sharding
+    )
 
     def step(trainable, opt_state, i):
         args = (original, rest, schedule, contexts, uncond, jnp.int32(i), key, lr, eta, start_guidance)

@@ -379,7 +379,7 @@ def adam(beta1: float, beta2: float, eps: float) -> optax.GradientTransformation
     return optax.scale_by_adam(b1=beta1, b2=beta2, eps=eps)
 
 
-@functools.partial(jax.jit, static_argnames=("text_def", "unet_def", "batch", "config", "tx"))
+@functools.partial(jax.jit, static_argnames=("text_def", "unet_def", "batch", "config", "tx", "sharding"))
 def fewshot_step(
     trainable: nnx.State,
     opt_state: optax.OptState,
@@ -399,6 +399,7 @@ def fewshot_step(
     batch: int,
     config: SchedulerConfig,
     tx: optax.GradientTransformation,
+    sharding: Any = None,
 ) -> tuple[nnx.State, optax.OptState, jax.Array]:
     """One step: the batch, a random caption per image, noise at uniform timesteps, -MSE, an Adam update.
 
@@ -408,7 +409,7 @@ def fewshot_step(
     """
     rows, weights = batch_rows(key_order, step, latents.shape[0], batch)
     k_noise, k_caption = jax.random.split(jax.random.fold_in(key_steps, step))
-    x0 = latents[rows]
+    x0 = finetune.constrain(latents[rows], sharding)
     x_t, noise, t = diffusion.noised(config, x0, k_noise)
     target = diffusion.target(config, x0, noise, t)
     pick = jax.random.randint(k_caption, (batch,), 0, ids.shape[1])
@@ -458,7 +459,15 @@ def erase_fewshot(
     tx = adam(opts["beta1"], opts["beta2"], opts["eps"])
     lr, decay = jnp.float32(opts["lr"]), jnp.float32(opts["weight_decay"])
     ids, owner = jnp.asarray(ids), jnp.asarray(owner)
-    static = dict(text_def=split.graphdef, unet_def=unet_def, batch=batch, config=sd.scheduler_config, tx=tx)
+    sharding = finetune.batch_sharding(opts["data_parallel"], batch)
+    static = dict(
+        text_def=split.graphdef,
+        unet_def=unet_def,
+        batch=batch,
+        config=sd.scheduler_config,
+        tx=tx,
+        sharding=sharding,
+    )
 
     def step(trainable, opt_state, i):
         args = (split.rest, unet_params, latents, owner, ids, jnp.int32(i), k_order, k_steps, lr, decay)

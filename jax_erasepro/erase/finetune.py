@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jax_erasepro import surgery
@@ -49,10 +50,37 @@ class LoopOptions:
         "resumes from the last one (None: no checkpoints)",
     )
     checkpoint_every: int = option(50, "steps between checkpoints (>= 1)")
+    data_parallel: int = option(
+        1,
+        "devices each step's batch is split over, data parallel on a Mesh (1: one device; -1: every device); "
+        "the batch size must be a multiple of it",
+    )
 
     def check_loop(self) -> None:
         if self.checkpoint_every < 1:
             raise EraseError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.data_parallel == 0 or self.data_parallel < -1:
+            raise EraseError(f"data_parallel must be >= 1 or -1 (every device), got {self.data_parallel}")
+
+
+def batch_sharding(data_parallel: int, batch: int) -> NamedSharding | None:
+    """Where a step's batch rows go: split over ``data_parallel`` devices (a ``data`` Mesh; -1: all of them),
+    params replicated; None on one device. EraseError when there are too few devices or the batch does not
+    split evenly. Constrained inside the jitted step, XLA all-reduces the gradients."""
+    n = jax.device_count() if data_parallel == -1 else data_parallel
+    if n == 1:
+        return None
+    if n > jax.device_count():
+        raise EraseError(f"data_parallel={n} but this process sees {jax.device_count()} device(s)")
+    if batch % n:
+        raise EraseError(f"batch size {batch} does not split over data_parallel={n} devices")
+    mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def constrain(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
+    """``x`` with its leading (batch) axis placed by ``sharding`` (unchanged when None)."""
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +225,7 @@ def checkpoints_for(
     fingerprint is the method, the request and every option that changes the weights."""
     if options.get("checkpoint_dir") is None:
         return None
-    skip = {"progress", "checkpoint_dir", "checkpoint_every", "steps"}
+    skip = {"progress", "checkpoint_dir", "checkpoint_every", "steps", "data_parallel"}
     fingerprint = {
         "method": method,
         "request": dataclasses.asdict(request),
@@ -347,7 +375,9 @@ __all__ = [
     "Result",
     "Split",
     "apply",
+    "batch_sharding",
     "checkpoints_for",
+    "constrain",
     "optimizer",
     "relative_change",
     "report",

@@ -84,3 +84,66 @@ def test_a_split_takes_its_set_and_an_empty_set_is_one_line(sd):
             return False
 
         finetune.split_trainable(sd, "unet", nothing)
+
+
+DATA_PARALLEL = """
+import json, numpy as np, jax
+from jax_erasepro import surgery
+from jax_erasepro.erase import erase
+from jax_erasepro.tiny import tiny_random_sd
+sd = tiny_random_sd(seed=7)
+runs = {
+    "ac": dict(steps=2, anchor_images=4, batch_size=4, generation_steps=2),
+    "esd-x": dict(steps=2, ddim_steps=4, batch_size=2),
+    "allbutone": dict(steps=2, ddim_steps=4, batch_size=2),
+}
+out = {"devices": jax.device_count()}
+for method, kw in runs.items():
+    one, r1 = erase(sd, "cat", "dog", method=method, progress=False, **kw)
+    n = -1 if method == "ac" else 2
+    split, report = erase(sd, "cat", "dog", method=method, progress=False, data_parallel=n, **kw)
+    keys = report.edited
+    a, b = surgery.read(one, keys), surgery.read(split, keys)
+    lr = report.options.get("effective_lr", report.options["lr"])
+    out[method] = {
+        "loss": float(np.max(np.abs(np.subtract(r1.training["loss"], report.training["loss"])))),
+        "loss_scale": float(np.max(np.abs(r1.training["loss"]))),
+        "weights_in_lr": max(float(np.abs(a[k] - b[k]).max()) for k in keys) / (lr * kw["steps"]),
+    }
+try:
+    kw = {**runs["ac"], "batch_size": 3}
+    erase(sd, "cat", "dog", method="ac", progress=False, data_parallel=2, **kw)
+except Exception as e:
+    out["error"] = str(e)
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_data_parallel_steps_on_a_mesh_equal_one_device():
+    """Each method's batch split over 4 (AC) or 2 CPU devices runs the same steps as one device: the same
+    losses (float32 reduction order aside) and weights within Adam's bound (an update moves a weight by at
+    most about lr, so two runs whose gradients differ only in rounding, which can flip the sign of a
+    near-zero gradient, stay within 2 lr per step); a batch that does not split is one line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", DATA_PARALLEL],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT") :])
+    assert out["devices"] == 4
+    for method in ("ac", "esd-x", "allbutone"):
+        got = out[method]
+        assert got["loss"] <= 1e-4 * got["loss_scale"], (method, got)
+        assert got["weights_in_lr"] <= 2.0, (method, got)
+    assert out["error"] == "batch size 3 does not split over data_parallel=2 devices"
