@@ -262,6 +262,7 @@ def stage_finetune(rec: Recorder, cfg: argparse.Namespace) -> None:
         "fewshot": {"images": np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)},
     }
     methods = [name for name, m in REGISTRY.items() if issubclass(m.options, LoopOptions)]
+    methods = [m for m in methods if cfg.methods is None or m in cfg.methods]
     rec.data["stages"]["finetune"]["methods"] = methods
     for m in methods:
 
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     p.add_argument("--quick", action="store_true", help="tiny configs, 2 steps, 1/2/3 concepts (the test)")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    p.add_argument("--methods", nargs="+", help="fine-tuning methods of the finetune stage (default: all)")
     args = p.parse_args(argv)
     imports = check_imports()
     missing = {k: v for k, v in imports.items() if v != "ok"}
@@ -343,6 +345,7 @@ def main(argv: list[str] | None = None) -> Path:
         steps=2 if args.quick else 50,
         repeats=1 if args.quick else 3,
         concepts=[1, 2, 3] if args.quick else [1, 100, 1000],
+        methods=args.methods,
     )
     with tempfile.TemporaryDirectory() as tmp:
         cfg.configs = Path(tmp)
