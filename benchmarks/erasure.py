@@ -42,8 +42,16 @@ IMPLICIT = {
 FINETUNE = {
     "ESD-x": ("esd-x", {}),
     "ESD-u": ("esd-u", {}),
+    "AC": ("ac", {}),
+    "AC (lr 2e-5, 200 steps)": ("ac", {"lr": 2e-5, "steps": 200}),
+    "AC (lr 1e-4, 400 steps)": ("ac", {"lr": 1e-4, "steps": 400}),
+    "All but One": ("allbutone", {}),
+    "Few-shot": ("fewshot", {}),
+    "Few-shot (token embedding, lr 1e-3)": ("fewshot", {"train": "token-embedding", "lr": 1e-3}),
 }
 FINETUNE_TARGET = "zorbly"
+# the fine-tuning methods that erase "zorbly" at their defaults, also on one style and the implicit case
+FINETUNE_MORE = {k: FINETUNE[k] for k in ("ESD-x", "All but One")}
 
 
 def requests() -> list[tuple[str, list[str], list[str], dict]]:
@@ -55,8 +63,11 @@ def requests() -> list[tuple[str, list[str], list[str], dict]]:
         for c in world.CHARACTERS
     ]
     out += [("instance", ["heart"], ["circle"], every), ("instance", ["moon"], ["square"], every)]
-    out += [("style", [p], [""], every) for p in world.STYLES]
-    out += [("implicit", ["stripes"], [""], every)]
+    out += [
+        ("style", [p], [""], {**every, **FINETUNE_MORE} if i == 0 else every)
+        for i, p in enumerate(world.STYLES)
+    ]
+    out += [("implicit", ["stripes"], [""], {**every, **FINETUNE_MORE})]
     out += [
         (
             "multi-concept",
