@@ -10,9 +10,13 @@ to_k/to_v. The target prompt is the anchor prompt with the target in the anchor'
 ``caption_target`` "anchor+target"). Prior preservation (``prior=True``) adds the plain diffusion loss of
 the anchor prompt on a second batch of anchor images, as the script's ``--with_prior_preservation``.
 
-Choices where the script differs from a model we hold in memory: anchor images stay latents (the script
-decodes generated images and encodes them again with the VAE); its random-resize augmentation and loss
-mask are not applied (``--noaug``, the style setting); horizontal flips are, on the latents.
+The loss is reduced as the script reduces it: summed over channels within a mask that leaves out a
+one-latent border (its ``--noaug`` mask), divided by the mask's area, averaged over the batch.
+
+Choices where we differ: anchor images stay latents (the script decodes generated images and encodes them
+again with the VAE); its random-resize augmentation is not applied (``--noaug``, the style setting);
+horizontal flips are, on the latents, each row with probability 1/2; each step draws its batch without
+replacement from the whole set (the script's data loader shuffles once per epoch).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jax_erasepro import schedulers
+from jax_erasepro import diffusion, schedulers
 from jax_erasepro.erase import finetune
 from jax_erasepro.erase.columns import EraseError, prompt_tokens
 from jax_erasepro.erase.erasepro import DEFAULT_PROMPTS
@@ -76,9 +80,11 @@ class ACOptions(finetune.LoopOptions):
     prior_weight: float = option(1.0, "weight of the prior-preservation loss")
     weight_decay: float = option(1e-2, "AdamW's decoupled weight decay (the script's adam_weight_decay)")
     max_grad_norm: float = option(1.0, "global gradient-norm clip (> 0)")
-    hflip: bool = option(True, "flip half of the latents horizontally (the README's --hflip)")
+    hflip: bool = option(True, "flip each latent left-right with probability 1/2 (the README's --hflip)")
     generation_steps: int = option(50, "sampling steps when generating the anchor images")
-    generation_guidance: float = option(6.0, "guidance scale when generating the anchor images")
+    generation_guidance: float = option(
+        6.0, "guidance scale when generating the anchor images (the authors' inference 6; their train.py 7.5)"
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -112,10 +118,18 @@ def ac_loss(
     t: jax.Array,
     target_context: jax.Array,
     goal: jax.Array,
+    masked: bool = True,
 ) -> jax.Array:
-    """MSE (mean over every element) between e_theta(x_t, t, target prompt) and ``goal``."""
+    """The squared error of e_theta(x_t, t, target prompt) against ``goal`` as train.py reduces it: with
+    its (B, 1, h, w) mask over a one-latent border (``masked``), summed over channels and mask and divided
+    by the mask's sum, then the batch mean (C times the masked mean); a plain mean when not ``masked`` (its
+    prior term)."""
     eps = nnx.merge(unet_def, trainable, rest)(x_t, t, target_context)
-    return jnp.mean(jnp.square(eps - goal))
+    sq = jnp.square(eps - goal)
+    if not masked:
+        return jnp.mean(sq)
+    mask = jnp.zeros(sq.shape[1:3], sq.dtype).at[1:-1, 1:-1].set(1.0)[None, :, :, None]
+    return jnp.mean(jnp.sum(sq * mask, axis=(1, 2, 3)) / jnp.sum(mask))
 
 
 def anchor_goal(
@@ -194,7 +208,7 @@ def ac_step(
             unet_def, original if from_original else trainable, rest, x_t, t, anchor_states[idx]
         )
     else:
-        goal = noise
+        goal = diffusion.target(config, x, noise, t)
 
     def loss_fn(params):
         loss = ac_loss(unet_def, params, rest, x_t, t, target_states[idx], goal)
@@ -204,7 +218,9 @@ def ac_step(
             np_ = jax.random.normal(k_n, xp.shape, xp.dtype)
             tp = jax.random.randint(k_tt, (batch,), 0, config.num_train_timesteps)
             xp_t = finetune.constrain(schedulers.add_noise(config, xp, np_, tp), sharding)
-            loss = loss + prior_weight * ac_loss(unet_def, params, rest, xp_t, tp, anchor_states[pidx], np_)
+            goal_p = diffusion.target(config, xp, np_, tp)
+            prior_loss = ac_loss(unet_def, params, rest, xp_t, tp, anchor_states[pidx], goal_p, masked=False)
+            loss = loss + prior_weight * prior_loss
         return loss
 
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
@@ -268,7 +284,8 @@ def erase_ac(
     x0, rows = anchor_latents(sd, anchor_states, opts["anchor_images"], opts)
     anchor_states, target_states = anchor_states[rows], target_states[rows]  # one row per image
 
-    lr = opts["lr"] * (opts["batch_size"] if opts["scale_lr"] else 1)
+    # --scale_lr multiplies by the batch (one process), and by 2 more with prior preservation
+    lr = opts["lr"] * (opts["batch_size"] * (2 if opts["prior"] else 1) if opts["scale_lr"] else 1)
     tx = finetune.optimizer(max_grad_norm=opts["max_grad_norm"])
     key = jax.random.key(opts["seed"])
     scalars = (jnp.float32(lr), jnp.float32(opts["weight_decay"]), jnp.float32(opts["prior_weight"]))
@@ -291,7 +308,7 @@ def erase_ac(
         return trainable, opt_state, loss, {}
 
     texts = [f"{t} <- {a}" for t, a in zip(target_texts, anchor_texts, strict=True)]
-    checkpoints = finetune.checkpoints_for(opts, "ac", request, texts)
+    checkpoints = finetune.checkpoints_for(sd, opts, "ac", request, texts)
     t_prep = time.perf_counter()
     result = finetune.train(
         step,
@@ -305,7 +322,9 @@ def erase_ac(
     erased = sd.replace(unet=split.merge(result.trainable))
     notes = [
         f"trained {len(split.keys)} tensors ({TRAIN_SETS[opts['train']][0]}) at lr {lr:.3g}"
-        + (f" (= {opts['lr']:.3g} x batch {opts['batch_size']}, scale_lr)" if opts["scale_lr"] else ""),
+        + (f" (= {opts['lr']:.3g} x batch {opts['batch_size']}" if opts["scale_lr"] else "")
+        + (" x 2 for prior preservation" if opts["scale_lr"] and opts["prior"] else "")
+        + (", scale_lr)" if opts["scale_lr"] else ""),
         f"{opts['anchor_images']} anchor images generated by the original model from {len(anchor_texts)} "
         f"anchor prompts ({opts['generation_steps']} steps, guidance {opts['generation_guidance']})",
     ]

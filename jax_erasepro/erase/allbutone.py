@@ -228,7 +228,7 @@ def erase_allbutone(
         return allbutone_step(trainable, opt_state, *args, **static)
 
     texts = [f"{t} -> {a}" for t, a in zip(target_texts, anchor_texts, strict=True)]
-    checkpoints = finetune.checkpoints_for(opts, "allbutone", request, texts)
+    checkpoints = finetune.checkpoints_for(sd, opts, "allbutone", request, texts)
     t_prep = time.perf_counter()
     result = finetune.train(
         step,

@@ -310,7 +310,7 @@ def erase_esd(
         trainable, opt_state, loss, t_enc = esd_step(trainable, opt_state, *args, **static)
         return trainable, opt_state, loss, {"t_enc": t_enc}
 
-    checkpoints = finetune.checkpoints_for(opts, train, request, texts)
+    checkpoints = finetune.checkpoints_for(sd, opts, train, request, texts)
     t_prep = time.perf_counter()
     result = finetune.train(
         step,

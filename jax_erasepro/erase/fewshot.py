@@ -474,7 +474,7 @@ def erase_fewshot(
         trainable, opt_state, loss = fewshot_step(trainable, opt_state, *args, **static)
         return trainable, opt_state, loss, {}
 
-    checkpoints = finetune.checkpoints_for(described, "fewshot", request, texts)
+    checkpoints = finetune.checkpoints_for(sd, described, "fewshot", request, texts)
     t_prep = time.perf_counter()
     result = finetune.train(
         step,

@@ -57,7 +57,12 @@ def test_loss_and_gradient_match_the_scripts_torch_computation(sd):
     pred = unet(xt, steps, torch.from_numpy(np.array(target))).sample
     with torch.no_grad():
         pred_anchor = unet(xt, steps, torch.from_numpy(np.array(anchor))).sample
-    ref = torch.nn.functional.mse_loss(pred.float(), pred_anchor.float())
+    # train.py: mask (B, 1, h, w) of ones inside a one-latent border (its --noaug mask), then
+    # ((mse(reduction="none") * mask).sum([1, 2, 3]) / mask.sum([1, 2, 3])).mean()
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 1:-1, 1:-1] = 1.0
+    sq = torch.nn.functional.mse_loss(pred.float(), pred_anchor.float(), reduction="none")
+    ref = ((sq * mask).sum([1, 2, 3]) / mask.sum([1, 2, 3])).mean()
     ref.backward()
     assert_close(float(loss), ref.item())
     table = surgery.entries(sd, ["unet"])

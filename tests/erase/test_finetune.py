@@ -50,11 +50,16 @@ def test_a_resumed_run_ends_on_the_weights_of_an_unbroken_one(sd, tmp_path):
         "resumed from the checkpoint at step 2" in n for n in report.notes
     )
     assert report.training["loss"][:2] == r_half.training["loss"]
+    assert report.training["t_enc"][:2] == r_half.training["t_enc"] and len(report.training["t_enc"]) == 4
     a, b = surgery.read(straight, keys), surgery.read(resumed, keys)
     for k in keys:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     with pytest.raises(EraseError, match="holds checkpoints of another run"):
         erase(sd, "dog", "", method="esd-x", **FAST, checkpoint_dir=ckpt)
+    with pytest.raises(EraseError, match="holds checkpoints of another run"):  # another model, same request
+        erase(straight, "cat", "", method="esd-x", **FAST, checkpoint_dir=ckpt)
+    with pytest.raises(EraseError, match="holds a run at step 4, beyond steps=3; give steps >= 4"):
+        erase(sd, "cat", "", method="esd-x", **{**FAST, "steps": 3}, checkpoint_dir=ckpt)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "mine.txt").write_text("x")
     with pytest.raises(EraseError, match="is not empty and holds no run.json of ours"):
