@@ -125,7 +125,11 @@ FIGURES = (
     "([others](results/zorbly_erasepro-paper_others.png)), [UCE](results/zorbly_uce_target.png) "
     "([others](results/zorbly_uce_others.png)), [ESD-x](results/zorbly_esd-x_target.png) "
     "([others](results/zorbly_esd-x_others.png)), [ESD-u](results/zorbly_esd-u_target.png) "
-    "([others](results/zorbly_esd-u_others.png)). Per-layer feature distance and parameter change "
+    "([others](results/zorbly_esd-u_others.png)), [AC, lr 1e-4 and 400 steps](results/zorbly_ac_target.png) "
+    "([others](results/zorbly_ac_others.png)), [All but One](results/zorbly_all-but-one_target.png) "
+    "([others](results/zorbly_all-but-one_others.png)), "
+    "[few-shot, token embedding](results/zorbly_few-shot_target.png) "
+    "([others](results/zorbly_few-shot_others.png)). Per-layer feature distance and parameter change "
     "(ErasePro's Figure 3): [figures/figure3.png](figures/figure3.png) (`python benchmarks/figures.py`)."
 )
 
@@ -221,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             print(row(name, results[-1]["evaluation"], results[-1]["seconds"]), flush=True)
             if targets == ["zorbly"]:
                 folder = ev.save(Path("/tmp") / f"results-{method}-{len(results)}")
+                # one grid per method: a method's later variant replaces its earlier one
                 slug = name.split(" (")[0].lower().replace(" ", "-") + ("-paper" if "paper" in name else "")
                 for part in ("target", "others"):
                     shutil.copy(folder / f"grid_{part}.png", grids / f"zorbly_{slug}_{part}.png")

@@ -298,9 +298,11 @@ def erase_ac(
         model_based=opts["loss"] == "model-based",
         prior=opts["prior"],
         tx=tx,
-        sharding=finetune.batch_sharding(opts["data_parallel"], opts["batch_size"]),
+        sharding=(sharding := finetune.batch_sharding(opts["data_parallel"], opts["batch_size"])),
     )
-    original, rest = split.trainable, split.rest
+    original, rest, x0, anchor_states, target_states = finetune.replicate(
+        (split.trainable, split.rest, x0, anchor_states, target_states), sharding
+    )
 
     def step(trainable, opt_state, i):
         args = (original, rest, x0, anchor_states, target_states, jnp.int32(i), key, *scalars)

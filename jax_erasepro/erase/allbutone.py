@@ -221,7 +221,9 @@ def erase_allbutone(
     static = dict(
         unet_def=split.graphdef, shape=shape, percentile=float(opts["percentile"]), tx=tx, sharding=sharding
     )
-    original, rest = split.trainable, split.rest
+    original, rest, targets, anchors, empty = finetune.replicate(
+        (split.trainable, split.rest, targets, anchors, empty), sharding
+    )
 
     def step(trainable, opt_state, i):
         args = (original, rest, schedule, targets, anchors, empty, jnp.int32(i), key, *scalars)

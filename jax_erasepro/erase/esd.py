@@ -305,6 +305,8 @@ def erase_esd(
         unet_def=unet_def, shape=shape, base=opts["base"], sample_trained=trained, sharding=sharding
     )
 
+    original, rest, contexts, uncond = finetune.replicate((original, rest, contexts, uncond), sharding)
+
     def step(trainable, opt_state, i):
         args = (original, rest, schedule, contexts, uncond, jnp.int32(i), key, lr, eta, start_guidance)
         trainable, opt_state, loss, t_enc = esd_step(trainable, opt_state, *args, **static)

@@ -469,8 +469,13 @@ def erase_fewshot(
         sharding=sharding,
     )
 
+    rest, unet_params, latents, owner, ids = finetune.replicate(
+        (split.rest, unet_params, latents, owner, ids), sharding
+    )
+    trainable0 = finetune.replicate(split.trainable, sharding)
+
     def step(trainable, opt_state, i):
-        args = (split.rest, unet_params, latents, owner, ids, jnp.int32(i), k_order, k_steps, lr, decay)
+        args = (rest, unet_params, latents, owner, ids, jnp.int32(i), k_order, k_steps, lr, decay)
         trainable, opt_state, loss = fewshot_step(trainable, opt_state, *args, **static)
         return trainable, opt_state, loss, {}
 
@@ -478,8 +483,8 @@ def erase_fewshot(
     t_prep = time.perf_counter()
     result = finetune.train(
         step,
-        split.trainable,
-        tx.init(split.trainable),
+        trainable0,
+        tx.init(trainable0),
         steps=steps,
         name="fewshot",
         progress=opts["progress"],

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -76,6 +75,14 @@ def batch_sharding(data_parallel: int, batch: int) -> NamedSharding | None:
         raise EraseError(f"batch size {batch} does not split over data_parallel={n} devices")
     mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
     return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def replicate(tree: Any, sharding: NamedSharding | None) -> Any:
+    """``tree`` placed whole on every device of ``sharding``'s mesh (unchanged when None): a step's frozen
+    inputs and its starting state, so each call finds them where it runs and compiles once."""
+    if sharding is None:
+        return tree
+    return jax.device_put(tree, NamedSharding(sharding.mesh, PartitionSpec()))
 
 
 def constrain(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
@@ -227,7 +234,10 @@ class Checkpoints:
         saved = [tree["leaves"][str(i)] for i in range(len(leaves))]
         if any(np.shape(a) != np.shape(b) for a, b in zip(saved, leaves, strict=True)):
             raise misfit
-        restored = [jnp.asarray(a, b.dtype) for a, b in zip(saved, leaves, strict=True)]
+        restored = [
+            jax.device_put(np.asarray(a, b.dtype), getattr(b, "sharding", None))
+            for a, b in zip(saved, leaves, strict=True)
+        ]
         trainable, opt_state = jax.tree.unflatten(treedef, restored)
         aux = {
             k[4:]: [float(x) for x in np.asarray(v).reshape(-1)]
@@ -425,6 +435,7 @@ __all__ = [
     "checkpoints_for",
     "constrain",
     "model_digest",
+    "replicate",
     "optimizer",
     "relative_change",
     "report",
