@@ -32,3 +32,16 @@ def assert_same_params(a, b) -> None:
 @pytest.fixture(scope="session")
 def sd14_dir() -> Path:
     return SD14
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each test module's compiled programs (and the models their closures hold) are dropped after it: the
+    whole suite in one process otherwise grows past 11 GB of the machine's 24 and XLA's compiler can fail."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
