@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -99,15 +100,9 @@ class ACOptions(finetune.LoopOptions):
             raise EraseError("weight_decay and prior_weight must be >= 0")
 
 
-def trainable_predicate(train: str):
+def trainable_predicate(train: str) -> Callable[[str], bool]:
     """``unet.<key>`` -> in the ``train`` set."""
-    parts = TRAIN_SETS[train][1]
-
-    def predicate(key: str) -> bool:
-        return key.startswith("unet.") and any(p in key for p in parts)
-
-    predicate.__name__ = f"ac-{train}"
-    return predicate
+    return finetune.unet_parts(f"ac-{train}", TRAIN_SETS[train][1])
 
 
 def ac_loss(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -80,15 +81,9 @@ class AllButOneOptions(finetune.LoopOptions):
                 raise EraseError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-def trainable_predicate(train: str):
+def trainable_predicate(train: str) -> Callable[[str], bool]:
     """``unet.<key>`` -> in the ``train`` set."""
-    parts = TRAIN_SETS[train][1]
-
-    def predicate(key: str) -> bool:
-        return key.startswith("unet.") and any(p in key for p in parts)
-
-    predicate.__name__ = f"allbutone-{train}"
-    return predicate
+    return finetune.unet_parts(f"allbutone-{train}", TRAIN_SETS[train][1])
 
 
 def bottleneck(guidance: jax.Array, percentile: float) -> jax.Array:

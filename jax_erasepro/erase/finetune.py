@@ -104,6 +104,16 @@ class Split:
         return nnx.merge(self.graphdef, trainable, self.rest)
 
 
+def unet_parts(name: str, parts: tuple[str, ...]) -> Callable[[str], bool]:
+    """``unet.<key>`` -> whether the key contains one of ``parts`` (a trainable set named ``name``)."""
+
+    def predicate(key: str) -> bool:
+        return key.startswith("unet.") and any(p in key for p in parts)
+
+    predicate.__name__ = name
+    return predicate
+
+
 def split_trainable(sd: StableDiffusion, component: str, predicate: Callable[[str], bool]) -> Split:
     """The ``component`` of ``sd`` split by ``predicate`` over its ``<component>.<key>`` names; EraseError
     when nothing matches."""
@@ -441,4 +451,5 @@ __all__ = [
     "report",
     "split_trainable",
     "train",
+    "unet_parts",
 ]
