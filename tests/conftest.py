@@ -45,3 +45,21 @@ def _release_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
+
+
+def assert_unet_grads_match(sd, grads, torch_params, names) -> None:
+    """JAX gradients of U-Net params (an nnx.State) equal the torch ``.grad`` of the same diffusers keys
+    (``names``: ``unet.<key>``), each tensor to 1e-4 of its largest entry (gradients are far below 1)."""
+    from flax import nnx
+
+    from jax_erasepro import surgery
+    from jax_erasepro.weights import to_hf_layout
+
+    by_path = {e.path: (k, e.leaf) for k, e in surgery.entries(sd, ["unet"]).items()}
+    flat = dict(nnx.to_flat_state(grads))
+    assert {by_path[p][0] for p in flat} == names
+    for path, g in flat.items():
+        key, leaf = by_path[path]
+        want = torch_params[key.split(".", 1)[1]].grad.numpy()
+        got = to_hf_layout(leaf, np.asarray(g[...]))
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max() + 1e-9, key

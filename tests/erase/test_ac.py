@@ -28,8 +28,7 @@ def test_loss_and_gradient_match_the_scripts_torch_computation(sd):
     the trainable set by create_custom_diffusion's cross-attn rule; loss and every gradient."""
     import torch
 
-    from jax_erasepro.weights import to_hf_layout
-    from tests.conftest import assert_close
+    from tests.conftest import assert_close, assert_unet_grads_match
     from tests.torch_bridge import torch_pipeline
 
     pipe = torch_pipeline(sd)
@@ -65,15 +64,7 @@ def test_loss_and_gradient_match_the_scripts_torch_computation(sd):
     ref = ((sq * mask).sum([1, 2, 3]) / mask.sum([1, 2, 3])).mean()
     ref.backward()
     assert_close(float(loss), ref.item())
-    table = surgery.entries(sd, ["unet"])
-    by_path = {e.path: (k, e.leaf) for k, e in table.items()}
-    flat = dict(nnx.to_flat_state(grads))
-    assert {by_path[p][0] for p in flat} == script
-    for path, g in flat.items():
-        key, leaf = by_path[path]
-        want = params[key.split(".", 1)[1]].grad.numpy()
-        got = to_hf_layout(leaf, np.asarray(g[...]))
-        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max() + 1e-9, key
+    assert_unet_grads_match(sd, grads, params, script)
 
 
 def test_only_the_set_changes_one_seed_gives_identical_weights_and_the_source_is_untouched(sd):

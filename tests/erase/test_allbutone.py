@@ -38,8 +38,7 @@ def test_loss_and_gradient_match_a_torch_computation_of_the_objective(sd):
     original that differs from the trained copy so the penalty has a gradient: loss, parts, gradients."""
     import torch
 
-    from jax_erasepro.weights import to_hf_layout
-    from tests.conftest import assert_close
+    from tests.conftest import assert_close, assert_unet_grads_match
     from tests.torch_bridge import torch_pipeline
 
     pipe = torch_pipeline(sd)
@@ -87,14 +86,7 @@ def test_loss_and_gradient_match_a_torch_computation_of_the_objective(sd):
     assert_close(float(erase_part), ref_erase.item())
     assert_close(float(drift), ref_drift.item())
     assert_close(float(loss), ref.item())
-    by_path = {e.path: (k, e.leaf) for k, e in surgery.entries(sd, ["unet"]).items()}
-    flat = dict(nnx.to_flat_state(grads))
-    assert {by_path[p][0] for p in flat} == names
-    for path, g in flat.items():
-        key, leaf = by_path[path]
-        want = params[key.split(".", 1)[1]].grad.numpy()
-        got = to_hf_layout(leaf, np.asarray(g[...]))
-        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max() + 1e-9, key
+    assert_unet_grads_match(sd, grads, params, names)
 
 
 def test_only_the_set_changes_one_seed_gives_identical_weights_and_lambda_ascends(sd):

@@ -206,8 +206,7 @@ def test_trainable_sets_loss_and_gradient_match_the_scripts_torch_computation(sd
     script's module rule, the loss, and the gradient of every esd-x parameter."""
     import torch
 
-    from jax_erasepro.weights import to_hf_layout
-    from tests.conftest import assert_close
+    from tests.conftest import assert_close, assert_unet_grads_match
     from tests.torch_bridge import torch_pipeline
 
     pipe = torch_pipeline(sd)
@@ -238,16 +237,7 @@ def test_trainable_sets_loss_and_gradient_match_the_scripts_torch_computation(sd
     ref = torch.nn.functional.mse_loss(noise_pred_esd, esd_target_)
     ref.backward()
     assert_close(float(loss), ref.item())
-    table = surgery.entries(sd, ["unet"])
-    by_path = {e.path: (k, e.leaf) for k, e in table.items()}
-    flat = dict(nnx.to_flat_state(grads))
-    assert {by_path[p][0] for p in flat} == names
-    for path, g in flat.items():
-        key, leaf = by_path[path]
-        want = params[key.split(".", 1)[1]].grad.numpy()
-        got = to_hf_layout(leaf, np.asarray(g[...]))
-        # relative to the tensor's largest gradient entry: gradients are far below 1
-        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max() + 1e-9, key
+    assert_unet_grads_match(sd, grads, params, names)
 
 
 def test_more_ddim_steps_than_training_timesteps_is_one_line(sd):
