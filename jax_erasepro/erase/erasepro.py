@@ -79,16 +79,23 @@ def _compress(fx: jax.Array, fy: jax.Array, n_cand: int) -> tuple[jax.Array, jax
     return jnp.concatenate([x[:, :n_cand], r[:, :d].T], 1), jnp.concatenate([y[:, :n_cand], r[:, d:].T], 1)
 
 
-def _whitener(r: jax.Array, ridge: float) -> jax.Array:
-    """S = M^(-1/2) for M = R^T R / n + ridge * mean(eig) * I, from an SVD of the (n, d) retain rows R.
+def _whitener(gram: jax.Array, ridge: float) -> jax.Array:
+    """S = M^(-1/2) for M = G + ridge * mean(eig(G)) * I, G = R^T R / n the retain features' second moment.
 
     Minimising ||dW M^(1/2)||_F = ||dW||_F in the coordinates x' = S x puts the edit where retain features
-    have little energy (the idea of SPEED's null-space projection, with a ridge instead of a hard cutoff)."""
-    _, sv, vt = jnp.linalg.svd(r, full_matrices=False)
-    energy = sv**2 / r.shape[0]
-    lam = ridge * jnp.sum(energy) / r.shape[1]
-    gain = (energy + lam) ** -0.5 - lam**-0.5
-    return lam**-0.5 * jnp.eye(r.shape[1], dtype=r.dtype) + (vt.T * gain) @ vt
+    have little energy (the idea of SPEED's null-space projection, with a ridge instead of a hard cutoff).
+    M is formed (d x d) rather than R decomposed: R has thousands of rows (every position of every retain
+    prompt; an SVD of R took 5x the eigh on SD v1.4). The ridge keeps M's smallest eigenvalue at lam, so the
+    squared condition number only blurs directions the ridge already dominates; the edit's hard columns
+    stay exact either way (the whitener only weighs the minimum-norm part)."""
+    lam = ridge * jnp.trace(gram) / gram.shape[0]
+    energy, v = jnp.linalg.eigh(gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype))
+    return (v * jnp.maximum(energy, lam) ** -0.5) @ v.T
+
+
+def _second_moment(r: jax.Array) -> jax.Array:
+    """R^T R / n of (n, d) rows, at full float32 precision."""
+    return jnp.matmul(r.T, r, precision=jax.lax.Precision.HIGHEST) / r.shape[0]
 
 
 def _factored(x: jax.Array) -> bool:
@@ -143,7 +150,8 @@ def _apply(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The (B, d_in, d_out) Flax kernels ``k_o`` (W_o^T) edited by ``_edit_operator``'s operator, with
     metrics for the report; residuals are those of the stored W: ||W x_j - W_o y_j|| over ||W_o y_j||;
-    ``retain_change`` is ||dW R|| / ||W_o R|| over the retain features R (n, d_in) (0 without any).
+    ``retain_change`` is ||dW R|| / ||W_o R|| over the retain features R, from their second moment
+    ``retain`` (d_in, d_in) = R^T R / n (zeros without any): ||dW R||^2 = n tr(dW G dW^T).
 
     Everything stays in kernel layout (products with transposed operands are GEMM flags, not copies), so
     no weight is ever transposed in memory."""
@@ -172,8 +180,8 @@ def _apply(
         "residual_groups": jnp.stack([rel(residual_sq, groups == g) for g in range(REST + 1)], -1),
         "relative_change": jnp.sqrt(change_sq / jnp.maximum(base_sq, jnp.finfo(base_sq.dtype).tiny)),
         "retain_change": jnp.sqrt(
-            jnp.sum(jnp.einsum("nd,bde->bne", retain, delta) ** 2, (-2, -1))
-            / jnp.maximum(jnp.sum(jnp.einsum("nd,bde->bne", retain, k_o) ** 2, (-2, -1)), 1e-30)
+            jnp.sum(jnp.einsum("cd,bde->bce", retain, delta) * delta, (-2, -1))
+            / jnp.maximum(jnp.sum(jnp.einsum("cd,bde->bce", retain, k_o) * k_o, (-2, -1)), 1e-30)
         ),
         "n_hard": jnp.sum(hard),
         "rank": rank,
@@ -252,11 +260,13 @@ def _progressive(
     first_soft = cols["embedding_conflict"][:n_cand] & (start == 0)
 
     def retained(features: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """The retain rows' second moment (d, d) at this layer, and the whitener from it."""
+        d = features.shape[-1]
         if n_retain == 0:
-            return jnp.zeros((1, features.shape[-1]), features.dtype), None
+            return jnp.zeros((d, d), features.dtype), None
         real = cols["retain_real"][:, None, None]  # padded rows are zeros: they change no sum
-        r = jnp.where(real, features[-n_retain:], 0).reshape(-1, features.shape[-1])
-        return r, _whitener(r, ridge) if weigh else None
+        gram = _second_moment(jnp.where(real, features[-n_retain:], 0).reshape(-1, d))
+        return gram, _whitener(gram, ridge) if weigh else None
 
     def step(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
         layer_params, hy, first = xs

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jax_erasepro.erase import erase
-from jax_erasepro.erase.erasepro import PROTECTED_START, _edit_operator, _whitener
+from jax_erasepro.erase.erasepro import PROTECTED_START, _edit_operator, _second_moment, _whitener
 from jax_erasepro.erase.retain import GENERIC_CAPTIONS, default_retain
 from jax_erasepro.tiny import tiny_random_sd
 
@@ -26,7 +26,7 @@ def test_whitened_edit_is_the_retain_weighted_minimum():
         r = rng.normal(size=(n, d)) @ np.diag(np.r_[np.ones(8) * 3, np.full(4, 0.05)])  # 4 quiet directions
         x, y = rng.normal(size=(d, k)), rng.normal(size=(d, k))
         ridge = 1e-2
-        s = _whitener(jnp.asarray(r), ridge)
+        s = _whitener(_second_moment(jnp.asarray(r)), ridge)
         op, hard, _ = _edit_operator(jnp.asarray(x), jnp.asarray(y), jnp.ones(k, bool), 1e-10, whiten=s)
         w_o = rng.normal(size=(5, d))
         dw = -(w_o @ (x - y)) @ np.asarray(op)  # _apply's factored form: W = W_o - W_o (X - Y) P
