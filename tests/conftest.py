@@ -34,17 +34,35 @@ def sd14_dir() -> Path:
     return SD14
 
 
+RELEASE_ABOVE_GB = 6.0  # resident memory past which a finished module's compiled programs are dropped
+
+
+def _resident_gb() -> float:
+    """This process's resident memory now (not its peak), from /proc; 0 where there is none."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Each test module's compiled programs (and the models their closures hold) are dropped after it: the
-    whole suite in one process otherwise grows past 11 GB of the machine's 24 and XLA's compiler can fail."""
+    """After a test module, when the process holds more than RELEASE_ABOVE_GB, every compiled program (and
+    the models their closures hold) is dropped: the whole suite in one process otherwise grows past 11 GB
+    of the machine's 24 and XLA's compiler can fail. Not after every module: a cold start recompiles each
+    parameter initialiser (about 45 s for the tiny model on 2 cores)."""
     yield
     import gc
 
-    import jax
-
-    jax.clear_caches()
     gc.collect()
+    if _resident_gb() > RELEASE_ABOVE_GB:
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
 
 
 def assert_unet_grads_match(sd, grads, torch_params, names) -> None:
