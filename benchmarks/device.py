@@ -8,8 +8,8 @@ Stages (each records its seconds, its numbers, or its error; a failing stage nev
   one U-Net step, the VAE decode and a guided generation, JAX (``benchmarks/pipeline.py``'s ``run_jax``)
   against diffusers PyTorch (its ``run_torch``, on the GPU when torch sees one), plus a JAX ``generate`` of
   4 prompts.
-* ``erase``: ErasePro at 1, 100 and 1,000 concepts (``benchmarks/erase.py``'s ``run``, one call per size,
-  with its plain-PyTorch reference, which that script runs on the CPU).
+* ``erase``: ErasePro (default form) and UCE at 1, 100 and 1,000 concepts (``benchmarks/erase.py``'s
+  ``run``, one round per size; UCE with its PyTorch reference, which that script runs on the CPU).
 * ``finetune``: one iteration of every fine-tuning method in ``jax_erasepro.erase.REGISTRY`` (3 steps;
   ``first_step`` is compile plus one step, ``per_step`` the time per step after it).
 * ``evaluate``: ErasePro on shapes-sd ("zorbly" -> "star") and a small ``evaluate`` of it.
@@ -240,6 +240,9 @@ def stage_pipeline(rec: Recorder, cfg: argparse.Namespace) -> None:
     rec.part("pipeline", "jax_generate_batch4", generate_batch4)
 
 
+ERASE = {"rounds": 1, "methods": ("erasepro", "uce")}  # the default form, and UCE against its torch reference
+
+
 def stage_erase(rec: Recorder, cfg: argparse.Namespace) -> None:
     import erase as bench  # benchmarks/erase.py (imports torch for its reference)
 
@@ -247,7 +250,8 @@ def stage_erase(rec: Recorder, cfg: argparse.Namespace) -> None:
     rec.data["stages"]["erase"]["torch_device"] = "cpu (benchmarks/erase.py's reference)"
     for n in cfg.concepts:
         with tempfile.TemporaryDirectory() as tmp:
-            rec.part("erase", f"concepts_{n}", lambda n=n, tmp=tmp: bench.run([n], Path(tmp) / "erase.json"))
+            out = Path(tmp) / "erase.json"
+            rec.part("erase", f"concepts_{n}", lambda n=n, out=out: bench.run([n], out, **ERASE))
 
 
 def stage_finetune(rec: Recorder, cfg: argparse.Namespace) -> None:
