@@ -64,7 +64,7 @@ def main() -> None:
         print(json.dumps(child(args.child)))
         return
     sys.path.insert(0, str(HERE))
-    from erase import machine
+    from machine import machine
 
     result: dict = {"machine": machine(), "python": [], "cli": []}
     cache = tempfile.mkdtemp(prefix="jep-xla-")

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import torch
 from flax import nnx
+from machine import machine
 from transformers import CLIPTextConfig as TorchCLIPConfig
 from transformers import CLIPTextModel as TorchCLIP
 
@@ -294,25 +295,6 @@ def table(result: dict) -> str:
         speed = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
         lines.append(f"| {r['method']} | {r['concepts']} | {cols} | {r['jax_s']:.3f} | {torch_s} | {speed} |")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    """The CPU model and its matrix/vector extensions, from /proc/cpuinfo."""
-    import os
-    import platform
-
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown CPU", "x86_64", ""):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    ext = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
-    return f"{model}, {os.cpu_count()} cores, {' '.join(ext) or 'no AVX-512/AMX'}"
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def main() -> None:
         print(json.dumps(one(args.one[0], int(args.one[1]), int(args.one[2]))))
         return
     sys.path.insert(0, str(HERE))
-    from erase import machine
+    from machine import machine
 
     jobs = [(m, n, 0) for m in args.methods for n in args.sizes]
     jobs += [(m, max(args.sizes), p) for m in args.methods for p in args.preserve]

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from machine import machine
 
 import jax_erasepro as jep
 from jax_erasepro.evaluation import evaluate
@@ -134,15 +135,6 @@ FIGURES = (
 )
 
 
-def _cpu() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
-        return f"{names[0]}, {len(names)} cores"
-    except (OSError, IndexError):
-        return platform.machine()
-
-
 def render(results: list[dict], command: str, images: int, steps: int) -> str:
     """RESULTS.md from result rows, in ``requests()`` order, with the hand-written reading of them."""
     by_key = {(tuple(r["targets"]), r["method"]): r for r in results}
@@ -150,7 +142,8 @@ def render(results: list[dict], command: str, images: int, steps: int) -> str:
     lines = [
         "# Results: erasure methods on shapes-sd, judged on images",
         "",
-        f"Made by `{command}` ({minutes:.0f} min of erasing and evaluating, summed over rows) on {_cpu()}; "
+        f"Made by `{command}` ({minutes:.0f} min of erasing and evaluating, summed over rows) "
+        f"on {machine()}; "
         f"{images} images per prompt, {steps} DDIM steps, guidance 7.5, the same noise before and after. "
         + NOTES,
         "",

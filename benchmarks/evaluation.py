@@ -31,7 +31,7 @@ def run(images: int, steps: int, batch: int, rounds: int, out: Path) -> dict:
     from diffusers import StableDiffusionPipeline
 
     sys.path.insert(0, str(HERE))
-    from erase import machine
+    from machine import machine
 
     sd = jep.load_pretrained(default_model_path())
     texts = (world_others([], []) * images)[:images]

@@ -16,7 +16,6 @@ the process's max RSS. Writes benchmarks/results/finetune.json and prints a tabl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import resource
@@ -24,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import machine as describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 SD14 = ROOT / "tests" / "data" / "sd-v1-4"
@@ -204,13 +205,7 @@ def main() -> None:
                 f"(peak {row['torch_peak_gb']:.1f} GB)  JAX/torch speed {row['jax_speedup']:.2f}x",
                 flush=True,
             )
-    machine = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
-    with contextlib.suppress(OSError, StopIteration):
-        machine["cpu"] = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
+    machine = {"cpu": describe_machine(), "python": platform.python_version()}
     out = {"machine": machine, "repeats": args.repeats, "rows": rows}
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {RESULTS}")
