@@ -15,13 +15,15 @@ SD14 = DATA / "sd-v1-4"
 
 def pytest_configure(config) -> None:
     """One persistent XLA compilation cache for the whole run, in a new temporary folder, shared with the
-    processes tests start (through JAX's environment variables): a fresh process otherwise recompiles every
-    parameter initialiser of the tiny model (about 45 s on 2 cores, 5 s from the cache). Nothing outlives
-    the run, so each run still compiles everything once."""
+    test workers and the processes tests start (through JAX's environment variables): a fresh process
+    otherwise recompiles every parameter initialiser of the tiny model (about 45 s on 2 cores, 5 s from the
+    cache). The controlling process makes and deletes it, so each run still compiles everything once."""
     import jax
 
-    folder = tempfile.mkdtemp(prefix="jax-erasepro-tests-xla-")
-    config._jep_xla_cache = folder
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") if hasattr(config, "workerinput") else None
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="jax-erasepro-tests-xla-")
+        config._jep_xla_cache = folder
     os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     jax.config.update("jax_compilation_cache_dir", folder)
@@ -32,6 +34,28 @@ def pytest_unconfigure(config) -> None:
     folder = getattr(config, "_jep_xla_cache", None)
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+GB_PER_WORKER = 11  # the suite's peak resident memory in one process is about 10 GB (real SD v1.4 configs)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core, at most one per GB_PER_WORKER of memory, and at most 2 (more
+    workers compile the same programs again, and each holds its own models)."""
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        memory_gb = GB_PER_WORKER
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(2, cores, int(memory_gb // GB_PER_WORKER)))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """For ``--dist loadgroup``: a file's tests run on one worker (its module fixtures are built once), and
+    every real-config test on the same worker, so two SD v1.4 models never sit in memory side by side."""
+    for item in items:
+        group = "sd14" if item.get_closest_marker("slow") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def assert_close(actual, reference, rel: float = 1e-4) -> None:
