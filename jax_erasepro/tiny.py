@@ -5,14 +5,13 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from flax import nnx
-
 from jax_erasepro.models.clip import CLIPTextConfig, CLIPTextModel
 from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jax_erasepro.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jax_erasepro.schedulers import SchedulerConfig
 from jax_erasepro.sd import SDConfig, StableDiffusion
 from jax_erasepro.tokenizer import load_tokenizer
+from jax_erasepro.weights import random_model
 
 TINY_TEXT: dict[str, Any] = {
     "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 3,
@@ -49,15 +48,14 @@ def clip_tokenizer_path() -> str:
 
 
 def tiny_random_sd(seed: int = 0) -> StableDiffusion:
-    """A random-weight SD v1.x with tiny configs and SD v1.4's real tokenizer."""
+    """A random-weight SD v1.x with tiny configs and SD v1.4's real tokenizer (``weights.random_model``)."""
     text = CLIPTextConfig.from_dict(TINY_TEXT)
     unet = UNet2DConditionConfig.from_dict(TINY_UNET)
     vae = AutoencoderKLConfig.from_dict(TINY_VAE)
-    rngs = nnx.Rngs(seed)
     return StableDiffusion(
-        text_encoder=CLIPTextModel(text, rngs=rngs),
-        unet=UNet2DConditionModel(unet, rngs=rngs),
-        vae=AutoencoderKL(vae, rngs=rngs),
+        text_encoder=random_model(CLIPTextModel, text, seed),
+        unet=random_model(UNet2DConditionModel, unet, seed + 1),
+        vae=random_model(AutoencoderKL, vae, seed + 2),
         tokenizer=load_tokenizer(clip_tokenizer_path()),
         scheduler_config=SchedulerConfig.from_dict(SD_SCHEDULER),
         config=SDConfig(text_encoder=text, unet=unet, vae=vae, model_index=dict(MODEL_INDEX)),

@@ -1,6 +1,7 @@
 """Shared test fixtures: paths to SD v1.4's real configs and tokenizer (copied into tests/data), and one
 compilation cache for the run."""
 
+import ctypes
 import os
 import shutil
 import tempfile
@@ -83,7 +84,7 @@ def sd14_dir() -> Path:
     return SD14
 
 
-RELEASE_ABOVE_GB = 6.0  # resident memory past which a finished module's compiled programs are dropped
+RELEASE_ABOVE_GB = 3.0  # resident memory past which a finished module's compiled programs are dropped
 
 
 def _resident_gb() -> float:
@@ -95,21 +96,31 @@ def _resident_gb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc only): XLA's compiler leaves the heap
+    fragmented, and two test workers each growing past 12 GB exhausted a 24 GB machine."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """After a test module, when the process holds more than RELEASE_ABOVE_GB, every compiled program (and
-    the models their closures hold) is dropped: the whole suite in one process otherwise grows past 11 GB
-    of the machine's 24 and XLA's compiler can fail. Not after every module: a cold start reloads each
-    parameter initialiser's program (5 s for the tiny model from the run's cache, 45 s without it)."""
+    """After a test module: free the heap's unused pages and, when the process still holds more than
+    RELEASE_ABOVE_GB, drop every compiled program (and the models their closures hold). Not unconditionally:
+    a cold start reloads each program (from the run's compilation cache, seconds per model)."""
     yield
     import gc
 
     gc.collect()
+    _trim_heap()
     if _resident_gb() > RELEASE_ABOVE_GB:
         import jax
 
         jax.clear_caches()
         gc.collect()
+        _trim_heap()
 
 
 def assert_unet_grads_match(sd, grads, torch_params, names) -> None:

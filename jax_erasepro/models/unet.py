@@ -206,7 +206,7 @@ class UNet2DConditionModel(nnx.Module):
         temb = self.time_embedding(
             timestep_embedding(
                 t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
-            )
+            ).astype(sample.dtype)  # as diffusers: a bfloat16 sample keeps the whole UNet in bfloat16
         )
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
