@@ -1,6 +1,7 @@
 """Shared test fixtures: paths to SD v1.4's real configs and tokenizer (copied into tests/data), and one
 compilation cache for the run."""
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -99,10 +100,8 @@ def _resident_gb() -> float:
 def _trim_heap() -> None:
     """Hand the C heap's free pages back to the system (glibc only): XLA's compiler leaves the heap
     fragmented, and two test workers each growing past 12 GB exhausted a 24 GB machine."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @pytest.fixture(autouse=True, scope="module")
