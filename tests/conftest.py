@@ -52,6 +52,7 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(2, cores, int(memory_gb // GB_PER_WORKER)))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
 def pytest_collection_modifyitems(config, items) -> None:
     """For ``--dist loadgroup``: a file's tests run on one worker (its module fixtures are built once), and
     every real-config test on the same worker, so two SD v1.4 models never sit in memory side by side."""
