@@ -20,6 +20,8 @@ def interval(stat: Callable[[np.ndarray], float], n: int, seed: int = 0, rounds:
         return [float("nan"), float("nan")]
     rng = np.random.default_rng(seed)
     values = np.array([stat(rng.integers(0, n, n)) for _ in range(rounds)])
+    if np.isnan(values).all():  # a statistic undefined on every resample (e.g. KID of too few images)
+        return [float("nan"), float("nan")]
     lo, hi = np.nanquantile(values, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
     return [float(lo), float(hi)]
 

@@ -57,3 +57,11 @@ def test_closer_to_picks_the_nearer_text():
     img = _unit(np.array([[1.0, 0.1], [0.1, 1.0]]))
     a, b = np.array([[1.0, 0.0]] * 2), np.array([[0.0, 1.0]] * 2)
     assert metrics.closer_to(img, a, b).tolist() == [True, False]
+
+
+def test_an_interval_of_a_statistic_undefined_everywhere_is_nan_without_a_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(metrics.interval(lambda i: float("nan"), 5)).all()
