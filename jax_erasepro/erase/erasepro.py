@@ -44,6 +44,10 @@ FORMS = ("protected", "paper")
 # whitening leaves no quiet direction there. Measured on shapes-sd from layer 1: "heart" -> "circle" edits
 # that layer by ||dW|| / ||W|| = 37 and others' accuracy falls from 0.87 to 0.04 (from layer 2: 0.75, 0.83).
 PROTECTED_START = 2
+# The protected form's rank cutoff: hard columns only while cond <= 10, and the soft fit truncated there.
+# On shapes-sd (docs/RESULTS.md) 1e-4 held many near-collinear template columns exactly and moved other
+# prompts (five characters at once: others' accuracy 0.81 -> 0.50, CLIP O 0.82); 0.1 gives 0.69 / 0.96.
+PROTECTED_RCOND = 0.1
 LARGE_CHANGE = 1.0  # relative change of one weight above which the report warns
 DEFAULT_RIDGE = 1e-2
 # Algorithm 2 presets: k (first paired tokens) and s (first edited text-encoder layer, 1-based, of 12).
@@ -361,7 +365,12 @@ class EraseProOptions:
         DEFAULT_RIDGE,
         "weight of the directions the retain set does not use, relative to its mean energy (> 0)",
     )
-    rcond: float = option(DEFAULT_RCOND, "rank cutoff of the solves, relative to the largest singular value")
+    rcond: float | None = option(
+        None,
+        "rank cutoff of the solves, relative to the largest singular value: hard columns are held while "
+        f"their condition number stays <= 1 / rcond (None: {PROTECTED_RCOND} in the protected form, "
+        f"{DEFAULT_RCOND} in the paper's)",
+    )
     unroll: bool = option(
         False, "unroll the layer sweep instead of a lax.scan (faster compile on few layers)"
     )
@@ -370,6 +379,8 @@ class EraseProOptions:
         check_choices(self)
         for name in ("ridge", "rcond"):
             value = getattr(self, name)
+            if name == "rcond" and value is None:
+                continue
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise EraseError(f"{name} must be a positive number, got {value!r}")
         for name in ("start_layer", "first_tokens"):
@@ -427,6 +438,7 @@ class _Plan:
     retain: tuple[str, ...]
     start_layer: int  # 1-based
     pad_tokens: int | None
+    rcond: float
     col_arrays: dict[str, jax.Array]
     x_ids: jax.Array  # target and preserved prompt rows, then the retain rows
     y_ids: jax.Array  # anchor prompt rows
@@ -472,6 +484,7 @@ def _plan(sd: StableDiffusion, request: Request, options: EraseProOptions) -> _P
     pad_tokens = options.pad_tokens
     if protected and pad_tokens is None and options.first_tokens is None:
         pad_tokens = 0
+    rcond = options.rcond if options.rcond is not None else (PROTECTED_RCOND if protected else DEFAULT_RCOND)
     retain = options.retain
     if retain is None:
         retain = default_retain(sd, request.targets, request.preserve, templates)
@@ -523,6 +536,7 @@ def _plan(sd: StableDiffusion, request: Request, options: EraseProOptions) -> _P
         retain=tuple(retain),
         start_layer=start_layer,
         pad_tokens=pad_tokens,
+        rcond=float(rcond),
         col_arrays=col_arrays,
         x_ids=jnp.asarray(x_rows),
         y_ids=jnp.asarray(_pad_rows(cols.y_ids)),
@@ -543,7 +557,7 @@ def _sweep(sd: StableDiffusion, plan: _Plan, options: EraseProOptions, buckets: 
         start=plan.start_layer - 1,
         n_cand=plan.n_cand,
         n_core=plan.n_core,
-        rcond=options.rcond,
+        rcond=plan.rcond,
         edit_text=options.layers in ("all", "text_encoder"),
         edit_unet=options.layers in ("all", "unet"),
         unroll=options.unroll,
@@ -619,7 +633,7 @@ def _report(
             "pad_tokens": plan.pad_tokens,
             "first_tokens": options.first_tokens,
             "start_layer": plan.start_layer,
-            "rcond": options.rcond,
+            "rcond": plan.rcond,
             "form": options.form,
             "retain": list(plan.retain),
             "ridge": options.ridge,
