@@ -170,3 +170,26 @@ def test_a_value_beyond_the_asked_dtype_is_named(key, index, layout_path):
     load_state_dict(abstract(), sd)
     with pytest.raises(WeightsError, match=f"'{key}' holds NaN or inf values, or values beyond float16"):
         load_state_dict(abstract(), sd, dtype=jnp.float16)
+
+
+def test_random_model_draws_flax_default_families_per_key():
+    """``random_model``: every param of the config's tree, kernels with variance 1 / fan-in, norm scales one,
+    biases zero, embeddings normal(0.02); a key's values depend only on (seed, key)."""
+    from jax_erasepro.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+    from jax_erasepro.tiny import TINY_UNET
+    from jax_erasepro.weights import random_model, state_dict_shapes
+
+    config = UNet2DConditionConfig.from_dict(TINY_UNET)
+    a = to_state_dict(random_model(UNet2DConditionModel, config, 0))
+    other = random_model(UNet2DConditionModel, config, 1)
+    assert {k: v.shape for k, v in a.items()} == state_dict_shapes(other)
+    b = to_state_dict(random_model(UNet2DConditionModel, config, 0))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    big = a["up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj.weight"]  # (out, in) linear
+    scale = big.shape[1] ** -0.5 / 0.87962566  # truncated at two standard deviations of this scale
+    assert abs(big.std() / big.shape[1] ** -0.5 - 1) < 0.05 and np.abs(big).max() <= 2 * scale
+    conv = a["conv_in.weight"]  # (out, in, kh, kw)
+    assert abs(conv.std() * np.prod(conv.shape[1:]) ** 0.5 - 1) < 0.15
+    assert (a["conv_norm_out.weight"] == 1).all() and (a["conv_norm_out.bias"] == 0).all()
+    assert (a["conv_in.bias"] == 0).all()
