@@ -20,24 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 from machine import machine  # benchmarks/ is on sys.path when this runs as a script
+from pipeline import _median_time
 
 OUT = Path(__file__).resolve().parent / "results" / "bf16.json"
 
 
 def _median(fn, repeats: int) -> float:
+    """Median seconds of ``fn`` after one warm-up call (compile, first allocation)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _median_time(fn, repeats)
 
 
 def layers(batch: int, latent: int) -> dict[str, dict]:
