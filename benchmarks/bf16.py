@@ -128,9 +128,9 @@ def run(repeats: int, batch: int, latent: int) -> list[dict]:
             row[f"jax {mode}"] = _median(lambda f=f, xs=xs: jax.block_until_ready(f(*xs)), repeats)
         if name.startswith("conv"):  # torch: NCHW input, OIHW weight
             arrays = [arrays[0].transpose(0, 3, 1, 2), arrays[1].transpose(3, 2, 0, 1)]
+        f = torch_fn(name)
         for tdtype, label in ((torch.float32, "torch f32"), (torch.bfloat16, "torch bf16")):
             ts = [torch.from_numpy(np.ascontiguousarray(a)).to(tdtype) for a in arrays]
-            f = torch_fn(name)
             with torch.inference_mode():
                 row[label] = _median(lambda f=f, ts=ts: f(*ts), repeats)
         rows.append(row)

@@ -17,9 +17,9 @@ SD14 = DATA / "sd-v1-4"
 
 def pytest_configure(config) -> None:
     """One persistent XLA compilation cache for the whole run, in a new temporary folder, shared with the
-    test workers and the processes tests start (through JAX's environment variables): a fresh process
-    otherwise recompiles every parameter initialiser of the tiny model (about 45 s on 2 cores, 5 s from the
-    cache). The controlling process makes and deletes it, so each run still compiles everything once."""
+    test workers and the processes tests start (through JAX's environment variables), so a program that one
+    process compiled (a tiny model's forward, an erasure sweep) loads in the others. The controlling
+    process makes and deletes it, so each run still compiles everything once."""
     import jax
 
     folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") if hasattr(config, "workerinput") else None
